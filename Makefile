@@ -1,0 +1,32 @@
+# The two commands the README starts with: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean-demo
+
+install: $(STAMP)
+
+# DeepSpeed builds from source; DS_BUILD_OPS=0 skips compiling CUDA ops at install time.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	rm -rf $(RUN_DIR)
+	$(BIN)/python jobs/prepare_data.py --config configs/demo/prepare.yaml run_dir=$(RUN_DIR)
+	$(BIN)/python jobs/train_clipreid.py --config configs/demo/train.yaml run_dir=$(RUN_DIR)
+	$(BIN)/python jobs/build_index.py run_dir=$(RUN_DIR) model_dir=$(RUN_DIR)/models/untrained
+	$(BIN)/python jobs/build_index.py run_dir=$(RUN_DIR) model_dir=$(RUN_DIR)/models/trained
+	$(BIN)/python jobs/evaluate.py run_dir=$(RUN_DIR) model_dir=$(RUN_DIR)/models/untrained label=untrained
+	$(BIN)/python jobs/evaluate.py run_dir=$(RUN_DIR) model_dir=$(RUN_DIR)/models/trained label=trained
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,106 @@
+"""P×K batch formation from a stream of rows, as plain Python (no Ray, no torch).
+
+The stream arrives roughly clustered by identity (shards keep identities inside row
+groups). ``PKBatcher`` keeps a bounded window of identities and emits a batch as soon as
+the window holds ``window_identities`` of them, so memory is bounded by the window, not
+by the number of identities in the dataset.
+
+Promise of one pass over a stream (one "epoch" of one worker):
+- every batch has exactly P distinct identities × K rows each;
+- every row of the stream is emitted at least once;
+- an identity with fewer than K rows left is topped up by sampling its rows with
+  replacement (the fast-reid / torchreid RandomIdentitySampler habit);
+- when fewer than P identities remain at the end, the batch is completed with identities
+  kept from earlier batches (a small reservoir), so no row is left out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+class PKBatcher:
+    def __init__(self, p: int, k: int, *, window_identities: int | None = None, seed: int = 0):
+        if p < 2 or k < 1:
+            raise ValueError(f"P×K batches need p >= 2 and k >= 1, got p={p}, k={k}")
+        self.p, self.k = p, k
+        self.window = max(window_identities or 4 * p, p)
+        self.rng = np.random.default_rng(seed)
+        # identity -> list of row payloads not yet emitted
+        self._open: OrderedDict[int, list] = OrderedDict()
+        # identity -> rows already emitted, kept for topping up the last batch
+        self._reservoir: OrderedDict[int, list] = OrderedDict()
+        self.rows_in = 0
+        self.rows_out = 0
+
+    def add(self, identity: int, row) -> None:
+        self._open.setdefault(int(identity), []).append(row)
+        self.rows_in += 1
+
+    def _take(self, identity: int, rows: list) -> list:
+        """K rows of one identity: without replacement while there are enough."""
+        if len(rows) >= self.k:
+            picks = self.rng.choice(len(rows), size=self.k, replace=False)
+            chosen = [rows[i] for i in picks]
+            for i in sorted(picks, reverse=True):
+                rows.pop(i)
+            return chosen
+        chosen = list(rows)
+        rows.clear()
+        pool = chosen + self._reservoir.get(identity, [])
+        extra = self.rng.choice(len(pool), size=self.k - len(chosen), replace=True)
+        return chosen + [pool[i] for i in extra]
+
+    def _remember(self, identity: int, rows: list) -> None:
+        self._reservoir.setdefault(identity, []).extend(rows)
+        self._reservoir.move_to_end(identity)
+        while len(self._reservoir) > 2 * self.p:
+            self._reservoir.popitem(last=False)
+
+    def _emit(self) -> list[tuple[int, object]]:
+        identities = list(self._open)
+        chosen = self.rng.choice(len(identities), size=self.p, replace=False)
+        batch = []
+        for i in chosen:
+            identity = identities[i]
+            rows = self._open[identity]
+            taken = self._take(identity, rows)
+            batch.extend((identity, r) for r in taken)
+            self._remember(identity, taken)
+            if not rows:
+                del self._open[identity]
+        self.rows_out += len(batch)
+        return batch
+
+    def ready(self) -> Iterator[list[tuple[int, object]]]:
+        """Batches that can be emitted now without breaking the window promise."""
+        while len(self._open) >= self.window:
+            yield self._emit()
+
+    def flush(self) -> Iterator[list[tuple[int, object]]]:
+        """End of stream: emit until every row has been out at least once."""
+        while self._open:
+            borrowed = []
+            if len(self._open) < self.p:
+                # fewer than P identities left: borrow identities already emitted
+                fillers = [i for i in reversed(self._reservoir) if i not in self._open]
+                borrowed = fillers[: self.p - len(self._open)]
+                if len(borrowed) < self.p - len(self._open):
+                    # the whole stream held fewer than P identities: no valid batch exists
+                    self._open.clear()
+                    return
+                for identity in borrowed:
+                    self._open[identity] = list(self._reservoir[identity])
+            yield self._emit()
+            for identity in borrowed:
+                self._open.pop(identity, None)
+
+    def batches(self, stream: Iterable[tuple[int, object]]) -> Iterator[list[tuple[int, object]]]:
+        """Convenience: consume ``(identity, row)`` pairs and yield every batch."""
+        for identity, row in stream:
+            self.add(identity, row)
+            yield from self.ready()
+        yield from self.flush()

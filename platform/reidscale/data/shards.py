@@ -1,0 +1,259 @@
+"""Parquet image shards and their manifest.
+
+Layout of a dataset directory::
+
+    <root>/train-00000.parquet ...   one split per file family
+    <root>/query-00000.parquet ...
+    <root>/gallery-00000.parquet ...
+    <root>/manifest.json             written last, atomically
+
+Rows are clustered by identity: a row group holds whole identities (one identity spans
+two row groups only when it alone is larger than a row group), so a reader that takes
+row groups gets whole identities. ``row_id`` numbers the rows of a split from 0 in shard
+order; it is the int64 id a FAISS gallery stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "query", "gallery")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("identity", pa.int64(), nullable=False),
+        # contiguous class index for the train split, -1 elsewhere
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("camera", pa.int32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+)
+METADATA_COLUMNS = ["row_id", "identity", "label", "camera", "path"]
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, malformed or does not match its checksum."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass
+class SplitStats:
+    images: int = 0
+    identities: set = field(default_factory=set)
+    cameras: set = field(default_factory=set)
+    shards: list = field(default_factory=list)
+
+    def as_manifest(self) -> dict:
+        return {
+            "images": self.images,
+            "identities": len(self.identities),
+            "cameras": len(self.cameras),
+            "shards": self.shards,
+        }
+
+
+def _group_by_identity(records: Iterable[dict]) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for rec in records:
+        if group and rec["identity"] != group[-1]["identity"]:
+            yield group
+            group = []
+        group.append(rec)
+    if group:
+        yield group
+
+
+class _ShardWriter:
+    """Writes one split's shards; rows arrive grouped by identity."""
+
+    def __init__(self, root: Path, split: str, rows_per_group: int, groups_per_shard: int):
+        self.root, self.split = root, split
+        self.rows_per_group, self.groups_per_shard = rows_per_group, groups_per_shard
+        self.stats = SplitStats()
+        self._pending: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._groups_in_shard = 0
+        self._shard_rows = 0
+        self._tmp: Path | None = None
+        self._final: Path | None = None
+
+    def add_identity(self, rows: list[dict]) -> None:
+        if self._pending and len(self._pending) + len(rows) > self.rows_per_group:
+            self._flush_group()
+        self._pending.extend(rows)
+        if len(self._pending) >= self.rows_per_group:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            index = len(self.stats.shards)
+            self._final = self.root / f"{self.split}-{index:05d}.parquet"
+            self._tmp = self._final.with_name(f".{self._final.name}.tmp")
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        for rec in self._pending:
+            rec["row_id"] = self.stats.images
+            self.stats.images += 1
+            self.stats.identities.add(rec["identity"])
+            self.stats.cameras.add(rec["camera"])
+        table = pa.Table.from_pylist(self._pending, schema=SCHEMA)
+        # one write_table call per group keeps an identity inside one row group
+        self._writer.write_table(table, row_group_size=max(len(self._pending), 1))
+        self._shard_rows += len(self._pending)
+        self._pending = []
+        self._groups_in_shard += 1
+        if self._groups_in_shard >= self.groups_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        os.replace(self._tmp, self._final)
+        self.stats.shards.append(
+            {"file": self._final.name, "rows": self._shard_rows, "sha256": sha256_file(self._final)}
+        )
+        self._writer, self._groups_in_shard, self._shard_rows = None, 0, 0
+
+    def close(self) -> SplitStats:
+        self._flush_group()
+        self._close_shard()
+        return self.stats
+
+
+def write_dataset(
+    records: Iterable[dict],
+    root: str | Path,
+    *,
+    source: str,
+    rows_per_group: int = 512,
+    groups_per_shard: int = 16,
+    extra: dict | None = None,
+) -> dict:
+    """Write records (grouped by identity) into per-split shards and the manifest.
+
+    Returns the manifest. The manifest is written last: a directory without one is an
+    unfinished write and readers refuse it.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").unlink(missing_ok=True)
+    writers: dict[str, _ShardWriter] = {}
+    for group in _group_by_identity(records):
+        by_split: dict[str, list[dict]] = {}
+        for rec in group:
+            if rec["split"] not in SPLITS:
+                raise ShardError(f"record {rec.get('path')!r}: split {rec['split']!r} is not one of {SPLITS}")
+            by_split.setdefault(rec["split"], []).append(rec)
+        for split, rows in by_split.items():
+            if split not in writers:
+                writers[split] = _ShardWriter(root, split, rows_per_group, groups_per_shard)
+            writers[split].add_identity(rows)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "splits": {split: w.close().as_manifest() for split, w in writers.items()},
+        **(extra or {}),
+    }
+    train = manifest["splits"].get("train")
+    if train:
+        manifest["num_classes"] = train["identities"]
+    atomic_write_json(root / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(f"{path} does not exist: the dataset was never written or its write did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return manifest
+
+
+def split_files(root: str | Path, split: str, manifest: dict | None = None) -> list[Path]:
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    if split not in manifest["splits"]:
+        raise ShardError(f"{root}: no {split!r} split in the manifest (has {sorted(manifest['splits'])})")
+    return [root / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def verify_split(root: str | Path, split: str, *, checksums: bool = True) -> list[Path]:
+    """Check every shard of ``split`` against schema and manifest; return the file list.
+
+    Raises ShardError naming the first bad file. Run before any training starts.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    files = []
+    for entry in manifest["splits"].get(split, {}).get("shards", []):
+        path = root / entry["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in the manifest but missing")
+        try:
+            schema = pq.read_schema(path)
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise ShardError(f"{path}: not a readable Parquet file ({exc})") from None
+        missing = [f.name for f in SCHEMA if f.name not in schema.names]
+        if missing:
+            raise ShardError(f"{path}: schema lacks column(s) {missing}")
+        for f in SCHEMA:
+            if not schema.field(f.name).type.equals(f.type):
+                raise ShardError(f"{path}: column {f.name} has type {schema.field(f.name).type}, expected {f.type}")
+        if rows != entry["rows"]:
+            raise ShardError(f"{path}: {rows} rows, manifest says {entry['rows']}")
+        if checksums and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
+        files.append(path)
+    if not files:
+        raise ShardError(f"{root}: the manifest lists no shards for split {split!r}")
+    return files
+
+
+def read_metadata(root: str | Path, split: str) -> pa.Table:
+    """Every column but the image bytes, for a whole split (small: tens of bytes a row)."""
+    files = split_files(root, split)
+    return pa.concat_tables([pq.read_table(f, columns=METADATA_COLUMNS) for f in files])

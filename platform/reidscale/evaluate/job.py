@@ -1,0 +1,152 @@
+"""The evaluate job: embed query (and gallery, unless an index has it), score, plot, log."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from reidscale import tracking
+from reidscale.config import ConfigError
+from reidscale.data.shards import atomic_write_json
+from reidscale.embed import EmbedConfig, embed_split, read_embeddings
+from reidscale.tracking import TrackingConfig
+
+
+@dataclass
+class EvalJobConfig:
+    run_dir: str = "runs/demo"
+    # exported embedding model; empty: <run_dir>/models/trained
+    model_dir: str = ""
+    # empty: <run_dir>/data
+    data_dir: str = ""
+    # a built index whose gallery embeddings are reused; empty: <run_dir>/index/<model dir name> if it exists
+    index_dir: str = ""
+    # name of this result in summary.json and MLflow; empty: the model directory's name
+    label: str = ""
+    metric: str = "cosine"
+    max_rank: int = 50
+    # impostor distances kept for the histogram (a uniform sample; genuine ones are all kept)
+    max_impostor_samples: int = 200_000
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if self.metric not in ("cosine", "euclidean"):
+            raise ConfigError(f"metric: {self.metric!r} is not one of cosine, euclidean")
+        if self.max_rank < 1:
+            raise ConfigError("max_rank: must be >= 1")
+
+
+def _resolve(cfg: EvalJobConfig) -> EvalJobConfig:
+    run_dir = Path(cfg.run_dir).resolve()
+    model_dir = Path(cfg.model_dir).resolve() if cfg.model_dir else run_dir / "models" / "trained"
+    index_dir = Path(cfg.index_dir).resolve() if cfg.index_dir else run_dir / "index" / model_dir.name
+    return replace(
+        cfg,
+        run_dir=str(run_dir),
+        model_dir=str(model_dir),
+        data_dir=str(Path(cfg.data_dir).resolve() if cfg.data_dir else run_dir / "data"),
+        index_dir=str(index_dir),
+        label=cfg.label or model_dir.name,
+    )
+
+
+def _gallery_embeddings(cfg: EvalJobConfig, model_sha: str, work: Path):
+    manifest_path = Path(cfg.index_dir) / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("model_sha256") == model_sha and manifest.get("embeddings"):
+            emb = manifest["embeddings"]
+            print(f"gallery embeddings from index {cfg.index_dir}", flush=True)
+            return read_embeddings(Path(cfg.index_dir) / emb["dir"], emb["files"])
+        print(f"index {cfg.index_dir} was built with another model; embedding the gallery again", flush=True)
+    stats = embed_split(cfg.model_dir, cfg.data_dir, "gallery", work / "gallery", cfg.embed)
+    return read_embeddings(work / "gallery", stats["files"])
+
+
+def pair_distances(q: np.ndarray, g: np.ndarray, qids: np.ndarray, gids: np.ndarray, metric: str,
+                   max_impostors: int, seed: int = 0, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """All genuine (same identity) and a uniform sample of impostor query-gallery distances."""
+    rng = np.random.default_rng(seed)
+    total_impostors = int(len(qids) * len(gids) - (qids[:, None] == gids[None, :]).sum())
+    keep = min(1.0, max_impostors / max(total_impostors, 1))
+    genuine, impostor = [], []
+    for lo in range(0, len(q), chunk):
+        qs = q[lo : lo + chunk]
+        if metric == "cosine":
+            d = 1.0 - qs @ g.T
+        else:
+            d = np.sqrt(np.maximum((qs**2).sum(1)[:, None] + (g**2).sum(1)[None, :] - 2 * qs @ g.T, 0))
+        same = qids[lo : lo + chunk, None] == gids[None, :]
+        genuine.append(d[same])
+        imp = d[~same]
+        impostor.append(imp[rng.random(len(imp)) < keep])
+    return np.concatenate(genuine), np.concatenate(impostor)
+
+
+def evaluate_model(cfg: EvalJobConfig) -> dict:
+    from reidscale.evaluate import evaluate_reid, plot_cmc, plot_distance_histograms
+    from reidscale.models.reid import load_embedding_model
+
+    cfg = _resolve(cfg)
+    _, model_config = load_embedding_model(cfg.model_dir)
+    work = Path(cfg.run_dir) / "eval" / cfg.label
+    q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed)
+    q, q_meta = read_embeddings(work / "query", q_stats["files"])
+    g, g_meta = _gallery_embeddings(cfg, model_config["weights_sha256"], work)
+    qids, gids = q_meta.column("identity").to_numpy(), g_meta.column("identity").to_numpy()
+    qcams, gcams = q_meta.column("camera").to_numpy(), g_meta.column("camera").to_numpy()
+    result = evaluate_reid(q, g, qids, gids, qcams, gcams, metric=cfg.metric, max_rank=cfg.max_rank)
+    cmc = np.asarray(result["cmc"])
+    metrics = {
+        "rank1": float(cmc[0]),
+        "rank5": float(cmc[min(4, len(cmc) - 1)]),
+        "rank10": float(cmc[min(9, len(cmc) - 1)]),
+        "mAP": float(result["mAP"]),
+        "mINP": float(result["mINP"]),
+        "num_valid_queries": int(result["num_valid_queries"]),
+        "num_queries": int(len(q)),
+        "num_gallery": int(len(g)),
+    }
+    genuine, impostor = pair_distances(q, g, qids, gids, cfg.metric, cfg.max_impostor_samples)
+    plots = [
+        plot_cmc(cmc, work / "cmc.png", label=cfg.label),
+        plot_distance_histograms(genuine, impostor, work / "distances.png"),
+    ]
+    atomic_write_json(work / "metrics.json", {**metrics, "cmc": cmc.tolist()})
+
+    summary_path = Path(cfg.run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary[cfg.label] = {**metrics, "model_dir": cfg.model_dir}
+    atomic_write_json(summary_path, summary)
+
+    uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
+    c = tracking.client(uri)
+    run_id = model_config.get("mlflow_run_id")
+    try:
+        c.get_run(run_id) if run_id else None
+    except Exception:  # the model came from another tracking store
+        run_id = None
+    if not run_id:
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, f"evaluate-{cfg.label}", params=cfg,
+                                    tags={"reidscale.job": "evaluate"})
+    tracking.log_metrics(c, run_id, {f"eval_{cfg.label}_{k}": v for k, v in metrics.items()})
+    for path in plots + [work / "metrics.json"]:
+        c.log_artifact(run_id, str(path), artifact_path=f"eval/{cfg.label}")
+    c.log_artifact(run_id, str(summary_path))
+
+    print(format_summary(summary))
+    print(f"summary: {summary_path}")
+    print(f"MLflow: {tracking.ui_command(uri)}")
+    return None
+
+
+def format_summary(summary: dict) -> str:
+    cols = ("rank1", "rank5", "rank10", "mAP", "mINP")
+    lines = [f"{'model':<12}" + "".join(f"{c:>9}" for c in cols)]
+    for label, m in summary.items():
+        lines.append(f"{label:<12}" + "".join(f"{m[c]:>9.4f}" for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The training job's config: one dataclass with a section per concern."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reidscale.config import ConfigError
+from reidscale.data.transforms import TransformConfig
+from reidscale.models.backbone import ModelConfig
+from reidscale.tracking import TrackingConfig
+
+
+@dataclass
+class LossConfig:
+    """Weights (λ) and settings of the loss terms; a weight of 0 turns a term off."""
+
+    id_weight: float = 1.0
+    label_smoothing: float = 0.1
+    triplet_weight: float = 1.0
+    triplet_margin: float = 0.3
+    triplet_soft_margin: bool = False
+
+    def validate(self) -> None:
+        if self.id_weight < 0 or self.triplet_weight < 0:
+            raise ConfigError("weights must be >= 0")
+        if self.id_weight == 0 and self.triplet_weight == 0:
+            raise ConfigError("id_weight/triplet_weight: at least one loss term must be on")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing: must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    # multistep: epochs at which lr is multiplied by gamma
+    milestones: list[int] = field(default_factory=lambda: [40, 70])
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr: must be > 0")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay/warmup_epochs/grad_clip: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    # P identities × K images per worker batch; global batch = num_workers × P × K
+    p: int = 16
+    k: int = 4
+    num_workers: int = 2
+    # "auto": GPUs when the cluster has them
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    # DeepSpeed
+    zero_stage: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    log_every: int = 10
+    max_failures: int = 0
+    # empty: <run_dir>/ray_results; a shared path or s3:// for multi-node
+    storage_path: str = ""
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("epochs: must be >= 1")
+        if self.p < 2:
+            raise ConfigError("p: a P×K batch needs at least 2 identities")
+        if self.k < 2:
+            raise ConfigError("k: a P×K batch needs at least 2 images per identity for positives")
+        if self.num_workers < 1:
+            raise ConfigError("num_workers: must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: {self.zero_stage} is not a ZeRO stage (0-3)")
+        if self.cpus_per_worker <= 0 or self.gradient_accumulation_steps < 1 or self.log_every < 1:
+            raise ConfigError("cpus_per_worker, gradient_accumulation_steps, log_every: must be positive")
+
+
+@dataclass
+class TrainJobConfig:
+    run_dir: str = "runs/demo"
+    # empty: <run_dir>/data
+    data_dir: str = ""
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run_name: str = "train"
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("run_dir: must not be empty")

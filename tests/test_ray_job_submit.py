@@ -1,0 +1,86 @@
+"""`ray job submit` against a real local head started by clusters/local/start.sh."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DASHBOARD_PORT = 8291
+
+
+@pytest.fixture(scope="module")
+def head():
+    # Ray's socket paths must stay short, so not pytest's long tmp_path
+    temp_dir = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(temp_dir / "auth_token"),
+        "RAY_PORT": "6391",
+        "RAY_DASHBOARD_PORT": str(DASHBOARD_PORT),
+        "RAY_NUM_CPUS": "2",
+        "RAY_TEMP_DIR": str(temp_dir / "ray"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(["bash", str(REPO / "clusters/local/start.sh")], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        yield env, temp_dir
+    finally:
+        subprocess.run(["bash", str(REPO / "clusters/local/stop.sh")], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(env, *entrypoint, timeout=900):
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}",
+         "--working-dir", str(REPO), "--", *entrypoint],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+
+
+def test_dashboard_listens_on_loopback_only(head):
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    listeners = [line.split()[3] for line in out.splitlines() if line.split()[3].endswith(f":{DASHBOARD_PORT}")]
+    assert listeners and all(addr.startswith("127.0.0.1:") for addr in listeners), listeners
+
+
+def test_submission_without_the_token_is_refused(head):
+    env, _ = head
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    no_token["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token to fall back on
+    proc = _submit(no_token, "python", "-c", "print('should not run')", timeout=120)
+    assert proc.returncode != 0
+    assert "Authentication" in proc.stdout + proc.stderr
+
+
+def test_train_job_runs_through_ray_job_submit(head):
+    env, temp_dir = head
+    run_dir = temp_dir / f"run-{uuid.uuid4().hex[:6]}"
+    prep = subprocess.run(
+        [sys.executable, "jobs/prepare_data.py", f"run_dir={run_dir}", "synthetic.num_identities=24",
+         "synthetic.height=32", "synthetic.width=16", "synthetic.images_per_identity_median=6"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert prep.returncode == 0, prep.stderr
+    proc = _submit(
+        env, "python", "jobs/train_clipreid.py", f"run_dir={run_dir}",
+        "transform.height=32", "transform.width=16", "model.width=32", "model.layers=1", "model.heads=2",
+        "model.embed_dim=16", "train.epochs=1", "train.p=4", "train.k=2", "train.num_workers=2",
+        "train.cpus_per_worker=0.5", "train.log_every=1",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["final"]["epoch"] == 1
+    assert (run_dir / "models" / "trained" / "model.safetensors").is_file()

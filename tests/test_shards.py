@@ -1,0 +1,90 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from reidscale.data.shards import ShardError, read_manifest, read_metadata, verify_split, write_dataset
+from reidscale.data.sources.synthetic import SyntheticConfig, generate
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cfg = SyntheticConfig(num_identities=24, height=32, width=16, images_per_identity_median=8, seed=3)
+    records = list(generate(cfg))
+    manifest = write_dataset(iter(records), root, source="synthetic", rows_per_group=20, groups_per_shard=3)
+    return root, records, manifest
+
+
+def test_manifest_counts_match_the_records(dataset):
+    root, records, manifest = dataset
+    for split in ("train", "query", "gallery"):
+        rows = [r for r in records if r["split"] == split]
+        info = manifest["splits"][split]
+        assert info["images"] == len(rows)
+        assert info["identities"] == len({r["identity"] for r in rows})
+        assert info["cameras"] == len({r["camera"] for r in rows})
+        assert sum(s["rows"] for s in info["shards"]) == len(rows)
+    assert manifest["num_classes"] == manifest["splits"]["train"]["identities"]
+    assert read_manifest(root) == json.loads((root / "manifest.json").read_text())
+
+
+def test_row_groups_hold_whole_identities(dataset):
+    root, _, manifest = dataset
+    seen = {}
+    for shard in manifest["splits"]["train"]["shards"]:
+        f = pq.ParquetFile(root / shard["file"])
+        for g in range(f.num_row_groups):
+            ids = set(f.read_row_group(g, columns=["identity"]).column("identity").to_pylist())
+            for identity in ids:
+                assert identity not in seen, f"identity {identity} spans row groups"
+                seen[identity] = (shard["file"], g)
+    assert len(seen) == manifest["splits"]["train"]["identities"]
+
+
+def test_row_ids_are_dense_and_labels_contiguous(dataset):
+    root, _, _ = dataset
+    meta = read_metadata(root, "train")
+    assert sorted(meta.column("row_id").to_pylist()) == list(range(len(meta)))
+    labels = sorted(set(meta.column("label").to_pylist()))
+    assert labels == list(range(len(labels)))
+    assert set(read_metadata(root, "gallery").column("label").to_pylist()) == {-1}
+
+
+def test_verify_refuses_a_tampered_shard_naming_the_file(dataset, tmp_path):
+    import shutil
+
+    root, _, manifest = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    verify_split(copy, "train")
+    victim = copy / manifest["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=victim.name):
+        verify_split(copy, "train")
+
+
+def test_verify_refuses_a_wrong_schema(dataset, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    root, _, manifest = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    entry = manifest["splits"]["train"]["shards"][0]
+    victim = copy / entry["file"]
+    table = pq.read_table(victim).drop(["camera"])
+    pq.write_table(table, victim)
+    with pytest.raises(ShardError, match=f"{victim.name}.*camera"):
+        verify_split(copy, "train", checksums=False)
+    pq.write_table(pa.table({"x": [1]}), victim)
+    with pytest.raises(ShardError, match=victim.name):
+        verify_split(copy, "train", checksums=False)
+
+
+def test_a_directory_without_manifest_is_refused(tmp_path):
+    with pytest.raises(ShardError, match="never written"):
+        read_manifest(tmp_path)
