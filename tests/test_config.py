@@ -96,3 +96,9 @@ def test_flatten_gives_dotted_params():
     flat = flatten(load_config(Outer, None, []))
     assert flat["inner.width"] == 8
     assert flat["inner.sizes"] == "[1, 2]"
+
+
+def test_boolean_words_fit_string_choices():
+    cfg = load_config(TrainJobConfig, None, ["train.use_gpu=true", "run_name=false"])
+    assert cfg.train.use_gpu == "true"
+    assert cfg.run_name == "false"

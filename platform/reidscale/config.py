@@ -38,17 +38,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
-        if value not in get_args(tp):
+        choices = get_args(tp)
+        if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+            # `use_gpu=true` on the command line reads as a YAML boolean
+            value = str(value).lower()
+        if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if origin in (list, tuple):
@@ -89,7 +92,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            return str(value).lower()
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")

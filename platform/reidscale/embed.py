@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,15 +27,13 @@ class EmbedConfig:
     # actors in the pool; each holds one copy of the model
     num_actors: int = 1
     # "auto": one GPU per actor when the cluster has GPUs
-    use_gpu: str = "auto"
+    use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_actor: float = 1.0
     rows_per_shard: int = 200_000
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1 or self.rows_per_shard < 1:
             raise ConfigError("batch_size, num_actors, rows_per_shard: must be >= 1")
-        if self.use_gpu not in ("auto", "true", "false"):
-            raise ConfigError(f"use_gpu: {self.use_gpu!r} is not one of auto/true/false")
 
 
 class Embedder:
@@ -98,7 +97,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         Embedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "threads": max(1, int(cfg.cpus_per_actor))},
         batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=cfg.cpus_per_actor,
         batch_format="numpy",

@@ -7,14 +7,11 @@ the process-group backend (made by the trainer) and the precision.
 
 from __future__ import annotations
 
-import math
-import os
+import logging
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,6 +23,9 @@ from reidscale.train.config import TrainJobConfig
 from reidscale.train.schedule import lr_factor
 
 CHECKPOINT_TAG = "state"
+# Ray Train routes worker logging to the job log once; a plain print() is teed twice when a
+# library has wrapped sys.stdout.
+log = logging.getLogger("reidscale.train")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -116,14 +116,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         export_embedding_model(model.embedding, cfg.model, cfg.transform, run_dir / "models" / "untrained",
                                extra={"mlflow_run_id": loop_config["run_id"], "trained_steps": 0})
     optimizer = make_optimizer(model, cfg)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    milestones = [m * steps_per_epoch for m in cfg.optim.milestones]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.optim.schedule,
-                            milestone_steps=milestones, gamma=cfg.optim.gamma),
-    )
+    # The schedule is in steps, but a streaming P×K epoch's length is only estimated until the
+    # first epoch has run; `plan` is corrected then (before any cosine decay has started when
+    # warm-up lasts at least one epoch).
+    plan = {"steps_per_epoch": steps_per_epoch}
+
+    def factor(step: int) -> float:
+        spe = plan["steps_per_epoch"]
+        return lr_factor(step, total_steps=spe * cfg.train.epochs, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)),
+                         schedule=cfg.optim.schedule, milestone_steps=[m * spe for m in cfg.optim.milestones],
+                         gamma=cfg.optim.gamma)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, _, _, _ = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, precision), dist_init_required=False,
@@ -135,6 +139,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
         start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
+        plan["steps_per_epoch"] = client_state.get("steps_per_epoch", steps_per_epoch)
 
     mlflow = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
     run_id = loop_config["run_id"]
@@ -162,20 +167,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             images += len(labels)
             epoch_loss += float(loss.detach())
             if rank == 0 and global_step % cfg.train.log_every == 0:
+                total_steps = plan["steps_per_epoch"] * cfg.train.epochs
                 lr = optimizer.param_groups[0]["lr"]
                 rate = images / max(time.time() - t0, 1e-9)
                 done = global_step / max(total_steps, 1)
                 eta = (time.time() - start_time) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
-                print(
+                log.info(
                     f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}/{total_steps} "
                     f"loss {float(loss):.4f} "
                     + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                    + f" lr {lr:.2e} {rate:.1f} img/s/worker eta {eta / 60:.1f} min",
-                    flush=True,
+                    + f" lr {lr:.2e} {rate:.1f} img/s/worker eta {eta / 60:.1f} min"
                 )
                 tracking.log_metrics(mlflow, run_id, {"loss": float(loss), "lr": lr, "images_per_s_per_worker": rate,
                                                       **{f"loss_{k}": v for k, v in terms.items()}}, step=global_step)
 
+        if epoch == 0:
+            plan["steps_per_epoch"] = epoch_steps
         metrics = {
             "epoch": epoch + 1,
             "global_step": global_step,
@@ -186,7 +193,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
-                                   client_state={"epoch": epoch, "global_step": global_step})
+                                   client_state={"epoch": epoch, "global_step": global_step,
+                                                 "steps_per_epoch": plan["steps_per_epoch"]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if rank == 0:
             tracking.log_metrics(mlflow, run_id, {f"epoch_{k}" if k not in ("epoch",) else k: v
