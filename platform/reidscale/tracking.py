@@ -84,8 +84,13 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int | None = No
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    batch = [Metric(metric_name(k), float(v), now, step or 0) for k, v in metrics.items()]
     c.log_batch(run_id, metrics=batch)
+
+
+def metric_name(key: str) -> str:
+    """MLflow allows letters, digits and _-. /; `tar@far=0.001` becomes `tar_at_far_0.001`."""
+    return key.replace("@", "_at_").replace("=", "_")
 
 
 def log_json_artifact(c, run_id: str, obj: dict, name: str) -> None:

@@ -88,7 +88,8 @@ def pair_distances(q: np.ndarray, g: np.ndarray, qids: np.ndarray, gids: np.ndar
 
 
 def evaluate_model(cfg: EvalJobConfig) -> dict:
-    from reidscale.evaluate import evaluate_reid, plot_cmc, plot_distance_histograms
+    from reidscale.evaluate import (evaluate_reid, plot_cmc, plot_distance_histograms, plot_roc, roc_from_features,
+                                    verification_metrics)
     from reidscale.models.reid import load_embedding_model
 
     cfg = _resolve(cfg)
@@ -111,16 +112,21 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
         "num_queries": int(len(q)),
         "num_gallery": int(len(g)),
     }
+    roc = roc_from_features(q, g, qids, gids, qcams, gcams, metric=cfg.metric)
+    verification = verification_metrics(roc)
     genuine, impostor = pair_distances(q, g, qids, gids, cfg.metric, cfg.max_impostor_samples)
     plots = [
         plot_cmc(cmc, work / "cmc.png", label=cfg.label),
-        plot_distance_histograms(genuine, impostor, work / "distances.png"),
+        plot_distance_histograms(genuine, impostor, work / "distances.png",
+                                 title=f"{cfg.label}: {cfg.metric} distance, same vs different identity"),
+        plot_roc(roc.far, roc.tar, work / "roc.png", label=cfg.label),
     ]
-    atomic_write_json(work / "metrics.json", {**metrics, "cmc": cmc.tolist()})
+    atomic_write_json(work / "metrics.json", {**metrics, "verification": verification, "cmc": cmc.tolist()})
 
     summary_path = Path(cfg.run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary[cfg.label] = {**metrics, "model_dir": cfg.model_dir}
+    summary[cfg.label] = {**metrics, "tar_at_far_1e-3": verification["tar@far=0.001"], "eer": verification["eer"],
+                          "model_dir": cfg.model_dir}
     atomic_write_json(summary_path, summary)
 
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
@@ -133,7 +139,7 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     if not run_id:
         run_id = tracking.start_run(uri, cfg.tracking.experiment, f"evaluate-{cfg.label}", params=cfg,
                                     tags={"reidscale.job": "evaluate"})
-    tracking.log_metrics(c, run_id, {f"eval_{cfg.label}_{k}": v for k, v in metrics.items()})
+    tracking.log_metrics(c, run_id, {f"eval_{cfg.label}_{k}": v for k, v in {**metrics, **verification}.items()})
     for path in plots + [work / "metrics.json"]:
         c.log_artifact(run_id, str(path), artifact_path=f"eval/{cfg.label}")
     c.log_artifact(run_id, str(summary_path))
@@ -149,4 +155,7 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'model':<12}" + "".join(f"{c:>9}" for c in cols)]
     for label, m in summary.items():
         lines.append(f"{label:<12}" + "".join(f"{m[c]:>9.4f}" for c in cols))
+    if "trained" in summary and "untrained" in summary and summary["untrained"]["mAP"] > 0:
+        ratio = summary["trained"]["mAP"] / summary["untrained"]["mAP"]
+        lines.append(f"trained mAP / untrained mAP = {ratio:.1f}x")
     return "\n".join(lines)
