@@ -1,0 +1,27 @@
+"""Evaluation: ReID ranking metrics, verification (ROC) metrics and plots; numpy/matplotlib, no Ray."""
+
+from reidscale.evaluate.metrics import evaluate_reid
+from reidscale.evaluate.plots import plot_cmc, plot_distance_histograms, plot_roc
+from reidscale.evaluate.verification import (
+    ROC,
+    equal_error_rate,
+    roc_curve,
+    roc_from_features,
+    tar_at_far,
+    threshold_at_far,
+    verification_metrics,
+)
+
+__all__ = [
+    "ROC",
+    "equal_error_rate",
+    "evaluate_reid",
+    "plot_cmc",
+    "plot_distance_histograms",
+    "plot_roc",
+    "roc_curve",
+    "roc_from_features",
+    "tar_at_far",
+    "threshold_at_far",
+    "verification_metrics",
+]

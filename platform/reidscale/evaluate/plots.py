@@ -1,0 +1,82 @@
+"""PNG plots of evaluation results: distance histograms, CMC curves, ROC curves.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so plotting needs no
+display, does not change the process-wide backend and is safe from worker threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_distance_histograms(genuine: np.ndarray, impostor: np.ndarray, path: str | Path, *,
+                             bins: int = 100, title: str = "Pair distances") -> Path:
+    """Overlaid density histograms of genuine (same identity) and impostor pair distances."""
+    genuine, impostor = np.ravel(genuine), np.ravel(impostor)
+    both = np.concatenate([genuine, impostor])
+    edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)  # shared, so areas compare
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(impostor, bins=edges, density=True, alpha=0.55, color="tab:red",
+            label=f"impostor (n={len(impostor):,})")
+    ax.hist(genuine, bins=edges, density=True, alpha=0.55, color="tab:blue",
+            label=f"genuine (n={len(genuine):,})")
+    ax.set(xlabel="distance", ylabel="density", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_cmc(cmc: np.ndarray | Sequence[np.ndarray], path: str | Path,
+             label: str | Sequence[str] | None = None, *, title: str = "CMC") -> Path:
+    """CMC curve(s): accuracy at rank k = 1..len(cmc). One curve with ``label: str``, or a list
+    of curves with a list of labels."""
+    curves = [np.asarray(cmc)] if np.ndim(cmc[0]) == 0 else [np.asarray(c) for c in cmc]
+    labels = [label] * len(curves) if label is None or isinstance(label, str) else list(label)
+    if len(labels) != len(curves):
+        raise ValueError(f"{len(curves)} curves but {len(labels)} labels")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for curve, name in zip(curves, labels):
+        ranks = np.arange(1, len(curve) + 1)
+        text = f"{name}: " if name else ""
+        ax.plot(ranks, curve, marker="." if len(curve) <= 50 else None,
+                label=f"{text}rank-1 {curve[0]:.3f}")
+    ax.set(xlabel="rank", ylabel="matching rate", title=title, ylim=(0, 1.01), xlim=(1, None))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(far: np.ndarray, tar: np.ndarray, path: str | Path, *, label: str | None = None,
+             title: str = "ROC", mark_fars: Sequence[float] = (1e-4, 1e-3, 1e-2)) -> Path:
+    """TAR against FAR on a log FAR axis (points with FAR = 0 cannot be shown and are dropped);
+    dotted lines mark ``mark_fars``."""
+    far, tar = np.asarray(far), np.asarray(tar)
+    shown = far > 0
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.step(far[shown], tar[shown], where="post", label=label)
+    for f in mark_fars:
+        ax.axvline(f, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set(xlabel="false accept rate (FAR)", ylabel="true accept rate (TAR)", title=title, ylim=(0, 1.01))
+    ax.grid(alpha=0.3, which="both")
+    if label:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)

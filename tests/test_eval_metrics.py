@@ -1,0 +1,183 @@
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+from reidscale.evaluate import evaluate_reid
+
+
+def dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, metric, max_rank):
+    """torchreid's eval_market1501 written out plainly: full distance matrix, stable argsort per row.
+
+    Distances use the same float32 formulas as the library, so ties are the same ties.
+    """
+    q, g = q.astype(np.float32), g.astype(np.float32)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        dist = 1 - q @ g.T
+    else:
+        dist = -2 * (q @ g.T) + (g * g).sum(axis=1)[None, :] + (q * q).sum(axis=1)[:, None]
+    assert dist.dtype == np.float32
+    if q_cams is None:  # no camera filter: nothing is ever "same identity and same camera"
+        q_cams, g_cams = np.zeros(len(q)), np.ones(len(g))
+    all_cmc, all_ap, all_inp = [], [], []
+    for i in range(len(q)):
+        order = np.argsort(dist[i], kind="stable")
+        remove = (g_ids[order] == q_ids[i]) & (g_cams[order] == q_cams[i])
+        raw_cmc = (g_ids[order] == q_ids[i])[~remove].astype(np.int64)
+        if not raw_cmc.any():
+            continue
+        cmc = raw_cmc.cumsum()
+        cmc[cmc > 1] = 1
+        cmc = cmc[:max_rank]
+        all_cmc.append(np.concatenate([cmc, np.full(max_rank - len(cmc), cmc[-1])]))
+        hits = raw_cmc.cumsum()
+        all_ap.append((hits / (np.arange(len(raw_cmc)) + 1.0) * raw_cmc).sum() / raw_cmc.sum())
+        last = np.flatnonzero(raw_cmc).max()
+        all_inp.append(hits[last] / (last + 1.0))
+    return {"cmc": np.mean(all_cmc, axis=0), "mAP": np.mean(all_ap), "mINP": np.mean(all_inp),
+            "num_valid_queries": len(all_ap)}
+
+
+def assert_same(ours, ref):
+    assert ours["num_valid_queries"] == ref["num_valid_queries"]
+    assert ours["cmc"].dtype == np.float64
+    np.testing.assert_allclose(ours["cmc"], ref["cmc"], rtol=0, atol=1e-6)
+    assert ours["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+    assert ours["mINP"] == pytest.approx(ref["mINP"], abs=1e-6)
+
+
+def make_data(rng, n_q=60, n_g=400, dim=8, n_ids=40, n_cams=3, integer=False, spread=1.0):
+    """Identity centres + noise; ids 0..n_ids-1 in the gallery, queries also use unseen ids."""
+    centres = rng.standard_normal((n_ids + 5, dim)) * 2
+    g_ids = rng.integers(0, n_ids, n_g)
+    q_ids = rng.integers(0, n_ids + 5, n_q)  # ids >= n_ids have no match at all
+    g = centres[g_ids] + spread * rng.standard_normal((n_g, dim))
+    q = centres[q_ids] + spread * rng.standard_normal((n_q, dim))
+    if integer:  # small integers: many exactly equal distances, and dot products are exact
+        g, q = np.round(g).clip(-2, 2), np.round(q).clip(-2, 2)
+        g[g.sum(1) == 0, 0] = 1  # no zero vectors, so cosine is defined
+        q[np.abs(q).sum(1) == 0, 0] = 1
+        g[np.abs(g).sum(1) == 0, 0] = 1
+    cams_g, cams_q = rng.integers(0, n_cams, n_g), rng.integers(0, n_cams, n_q)
+    return q.astype(np.float32), g.astype(np.float32), q_ids, g_ids, cams_q, cams_g
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("use_cameras", [True, False])
+@pytest.mark.parametrize("integer", [False, True])
+def test_matches_dense_stable_argsort_reference(metric, use_cameras, integer):
+    rng = np.random.default_rng([metric == "cosine", use_cameras, integer])
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng, integer=integer)
+    if not use_cameras:
+        q_cams = g_cams = None
+    ref = dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, metric, max_rank=20)
+    for chunk_size in (None, 1, 7):
+        ours = evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric=metric, max_rank=20,
+                             chunk_size=chunk_size)
+        assert_same(ours, ref)
+    assert 0 < ref["num_valid_queries"] < len(q)  # the data did exercise skipped queries
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_ties_between_duplicated_gallery_vectors_follow_gallery_index(metric):
+    rng = np.random.default_rng(3)
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng, n_g=120, spread=0.3)
+    # every gallery vector three times, with different identities: only index order breaks ties
+    g, g_cams = np.repeat(g, 3, axis=0), np.repeat(g_cams, 3)
+    g_ids = np.where(np.arange(len(g)) % 3 == 0, np.repeat(g_ids, 3), rng.integers(0, 40, len(g)))
+    ref = dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, metric, max_rank=10)
+    assert_same(evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric=metric, max_rank=10,
+                              chunk_size=5), ref)
+
+
+def test_hand_computed_example_with_same_camera_exclusion():
+    # 1-d features, squared distances 1, 4, 9, 16, 25 from the query at 0
+    g = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    g_ids, g_cams = np.array([2, 1, 1, 3, 1]), np.array([1, 1, 0, 1, 1])
+    q, q_ids, q_cams = np.array([[0.0]]), np.array([1]), np.array([0])
+    # index 2 is same id + same camera: removed, so the kept ranking is neg, POS, neg, POS
+    r = evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, max_rank=4)
+    np.testing.assert_array_equal(r["cmc"], [0, 1, 1, 1])
+    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert r["mINP"] == pytest.approx(2 / 4)
+    # without cameras index 2 is a true match: neg, POS, POS, neg, POS
+    r = evaluate_reid(q, g, q_ids, g_ids, max_rank=4)
+    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3)
+    assert r["mINP"] == pytest.approx(3 / 5)
+
+
+def test_equal_distances_rank_by_gallery_index():
+    q, q_ids = np.array([[0.0]]), np.array([1])
+    g, g_ids = np.array([[1.0], [-1.0], [1.0]]), np.array([2, 1, 1])  # all at distance 1
+    r = evaluate_reid(q, g, q_ids, g_ids, max_rank=3)  # order: neg, POS, POS
+    np.testing.assert_array_equal(r["cmc"], [0, 1, 1])
+    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    r = evaluate_reid(q, g[::-1], q_ids, g_ids[::-1], max_rank=3)  # order: POS, POS, neg
+    assert r["mAP"] == 1.0 and r["mINP"] == 1.0
+
+
+def test_ap_counts_true_matches_beyond_max_rank():
+    q, q_ids = np.array([[0.0]]), np.array([1])
+    g = np.arange(1, 11, dtype=np.float32)[:, None]
+    g_ids = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1])  # true matches at ranks 0 and 9
+    r = evaluate_reid(q, g, q_ids, g_ids, max_rank=3)
+    assert r["mAP"] == pytest.approx((1 + 2 / 10) / 2)
+    assert r["mINP"] == pytest.approx(2 / 10)
+
+
+def test_max_rank_above_gallery_size_warns_and_pads_with_last_value():
+    rng = np.random.default_rng(1)
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng, n_q=10, n_g=12, n_ids=4)
+    with pytest.warns(UserWarning, match="exceeds the gallery size"):
+        r = evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, max_rank=30)
+    assert r["cmc"].shape == (30,)
+    np.testing.assert_array_equal(r["cmc"][11:], 1.0)
+    assert_same(r, dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, "euclidean", 30))
+
+
+def test_no_valid_query_raises():
+    q, g = np.zeros((2, 3)), np.ones((4, 3))
+    with pytest.raises(ValueError, match="no query has a true match"):
+        evaluate_reid(q, g, np.array([7, 8]), np.array([1, 2, 3, 4]), max_rank=4)
+    with pytest.raises(ValueError, match="no query has a true match"):  # only same-camera matches
+        evaluate_reid(q, g, np.array([1, 1]), np.array([1, 2, 3, 4]), np.array([0, 0]), np.array([0, 1, 1, 1]),
+                      max_rank=4)
+
+
+def test_bad_arguments_raise():
+    q, g, ids = np.zeros((2, 3)), np.ones((4, 3)), np.arange(4)
+    with pytest.raises(ValueError, match="metric"):
+        evaluate_reid(q, g, ids[:2], ids, metric="manhattan")
+    with pytest.raises(ValueError, match="features"):
+        evaluate_reid(q, np.ones((4, 5)), ids[:2], ids)
+    with pytest.raises(ValueError, match="both"):
+        evaluate_reid(q, g, ids[:2], ids, query_cameras=ids[:2])
+
+
+def test_memory_stays_far_below_the_full_distance_matrix():
+    rng = np.random.default_rng(2)
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng, n_q=400, n_g=5000, dim=16, n_ids=300, spread=0.3)
+    full_matrix_bytes = len(q) * len(g) * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, chunk_size=400)  # warm up imports
+    tracemalloc.start()
+    ours = evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, chunk_size=16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < full_matrix_bytes / 4, (peak, full_matrix_bytes)
+    assert_same(ours, dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, "euclidean", 50))
+
+
+def test_sort_key_orders_like_floats_including_negatives_and_signed_zero():
+    # rounding makes distances of near-duplicates slightly negative; -0.0 must tie with +0.0
+    from reidscale.evaluate.metrics import _order_key
+
+    d = np.array([3.5, -1e-7, 0.0, -0.0, -2.0, 1e-38, -np.inf, np.inf, 2e-7, -1e-45], np.float32)
+    rows = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    order = np.argsort(_order_key(rows, d), kind="stable")
+    np.testing.assert_array_equal(order, np.lexsort((d, rows)))
+    assert _order_key(rows[:1], np.float32([0.0])) == _order_key(rows[:1], np.float32([-0.0]))
