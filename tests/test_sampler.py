@@ -72,3 +72,20 @@ def test_fewer_identities_than_p_gives_no_batch():
 def test_bad_p_or_k_is_refused():
     with pytest.raises(ValueError, match="p >= 2"):
         PKBatcher(1, 4)
+
+
+def test_extra_batches_repeat_seen_rows_in_pk_shape():
+    batcher = PKBatcher(3, 4, seed=0)
+    stream = _stream({i: 5 for i in range(10)})
+    seen = {row for batch in batcher.batches(stream) for _, row in batch}
+    for _ in range(3):
+        extra = batcher.extra()
+        per_id = Counter(identity for identity, _ in extra)
+        assert len(per_id) == 3 and set(per_id.values()) == {4}
+        assert {row for _, row in extra} <= seen
+
+
+def test_extra_batch_without_enough_identities_is_a_clear_error():
+    batcher = PKBatcher(2, 2, seed=0)
+    with pytest.raises(ValueError, match="only 0 identities"):
+        batcher.extra()

@@ -1,15 +1,26 @@
-"""The Ray Data layer: read shards, decode/augment on Ray workers, stream to trainers.
+"""The Ray Data layer: per-worker, deterministic streams of decoded row groups → P×K batches.
 
-Only this module and the Ray-facing parts of ``train``/``embed`` import Ray; everything
-it calls (transforms, sampler) is plain Python tested without a cluster.
+Why not ``read_parquet`` + Ray Train's ``streaming_split``: the split hands blocks to
+whichever worker asks first, so neither the assignment nor the order of rows repeats
+between runs, and a resumed run could not replay the batches an uninterrupted run saw.
+Instead each epoch permutes the shards' row groups with ``(seed, epoch)``, worker ``r``
+takes every ``world``-th row group, and a Ray Data pipeline (one task per row group, order
+preserved) reads and decodes them on Ray's CPU workers. A row group holds whole
+identities (see ``shards``), so workers never split an identity, and no row goes to two
+workers in one epoch.
+
+Only this module and the Ray-facing parts of ``train``/``embed`` import Ray; what it calls
+(transforms, sampler) is plain Python tested without a cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from reidscale.data import shards
 from reidscale.data.sampler import PKBatcher
@@ -34,11 +45,59 @@ def decoded(ds, cfg: TransformConfig, *, train: bool, batch_size: int = 64):
     )
 
 
-class PKStream:
-    """Turn a worker's Ray Data shard into P×K numpy batches, counting bad rows.
+def row_groups(root: str | Path, split: str) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) for every row group of a split, in manifest order (footer reads only)."""
+    out = []
+    for path in shards.split_files(root, split):
+        meta = pq.ParquetFile(path).metadata
+        out.extend((str(path), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+    return out
 
-    Yields dicts ``image`` (P*K, 3, H, W) float32, ``label`` (P*K,) int64,
-    ``identity`` (P*K,) int64, ordered identity by identity.
+
+def _mix(*values: int) -> int:
+    digest = hashlib.blake2b(b"/".join(str(v).encode() for v in values), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def epoch_assignment(groups: list, epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, tuple]]:
+    """This worker's (global index, group) list for ``epoch``: a seeded permutation, strided by rank."""
+    order = np.random.default_rng(_mix(seed, epoch)).permutation(len(groups))
+    return [(int(i), groups[i]) for i in order[rank::world]]
+
+
+def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool) -> dict:
+    """Ray Data map: each input row names a row group; output its decoded rows."""
+    outputs = []
+    for path, group, seed in zip(batch["path"], batch["row_group"], batch["seed"]):
+        table = pq.ParquetFile(str(path)).read_row_group(int(group), columns=["image", "identity", "label", "row_id"])
+        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        outputs.append(decode_batch(cols, cfg, train=train, seed=int(seed)))
+    return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed: int, rank: int, world: int,
+                         train: bool = True, cpus_per_task: float = 1.0):
+    """The Ray Dataset of this worker's decoded rows for one epoch, in a reproducible order."""
+    import ray.data
+
+    mine = epoch_assignment(groups, epoch, seed, rank, world)
+    items = [{"path": g[0], "row_group": g[1], "seed": _mix(seed, epoch, index) % (2**63)} for index, g in mine]
+    if not items:
+        raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # reproducible batches need a fixed order
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train}, batch_size=1,
+                          batch_format="numpy", num_cpus=cpus_per_task)
+
+
+class PKStream:
+    """Turn a worker's stream of decoded row groups into P×K numpy batches, counting bad rows.
+
+    Yields dicts ``image`` (P*K, 3, H, W) float32, ``label``, ``identity`` and ``row_id``
+    (P*K,) int64, ordered identity by identity. ``pad()`` gives extra batches from
+    identities already seen, for a worker whose stream ran out before the others'.
     """
 
     def __init__(self, p: int, k: int, *, seed: int, window_identities: int | None = None):
@@ -46,24 +105,30 @@ class PKStream:
         self.window_identities = window_identities
         self.decode_errors = 0
         self.rows_seen = 0
+        self.batcher: PKBatcher | None = None
 
-    def epoch(self, data_iterator, epoch: int, read_batch_size: int = 64) -> Iterator[dict]:
-        batcher = PKBatcher(self.p, self.k, window_identities=self.window_identities, seed=self.seed * 100_003 + epoch)
-        for batch in data_iterator.iter_batches(batch_size=read_batch_size, batch_format="numpy"):
+    def epoch(self, batches: Iterable[dict], epoch: int) -> Iterator[dict]:
+        self.batcher = PKBatcher(self.p, self.k, window_identities=self.window_identities,
+                                 seed=_mix(self.seed, epoch) % (2**63))
+        for batch in batches:
             ok = batch["decode_ok"]
             self.rows_seen += len(ok)
             self.decode_errors += int((~ok).sum())
             for i in np.flatnonzero(ok):
-                batcher.add(batch["identity"][i], (batch["image"][i], batch["label"][i]))
-            for pk in batcher.ready():
+                self.batcher.add(batch["identity"][i], (batch["image"][i], batch["label"][i], batch["row_id"][i]))
+            for pk in self.batcher.ready():
                 yield self._stack(pk)
-        for pk in batcher.flush():
+        for pk in self.batcher.flush():
             yield self._stack(pk)
+
+    def pad(self) -> dict:
+        return self._stack(self.batcher.extra())
 
     @staticmethod
     def _stack(pk: list) -> dict:
         return {
             "image": np.stack([row[0] for _, row in pk]),
             "label": np.asarray([row[1] for _, row in pk], dtype=np.int64),
+            "row_id": np.asarray([row[2] for _, row in pk], dtype=np.int64),
             "identity": np.asarray([identity for identity, _ in pk], dtype=np.int64),
         }

@@ -98,6 +98,27 @@ class PKBatcher:
             for identity in borrowed:
                 self._open.pop(identity, None)
 
+    def extra(self) -> list[tuple[int, object]]:
+        """One more batch from identities already emitted (K rows each, with replacement).
+
+        For a worker whose stream ended before the other workers': every worker must take
+        the same number of steps, and these steps repeat rows instead of inventing any.
+        """
+        pool = list(self._reservoir)
+        if len(pool) < self.p:
+            raise ValueError(
+                f"cannot form an extra P×K batch: only {len(pool)} identities seen, P={self.p}; "
+                "use fewer workers or a smaller P for this dataset"
+            )
+        chosen = self.rng.choice(len(pool), size=self.p, replace=False)
+        batch = []
+        for i in chosen:
+            identity = pool[i]
+            rows = self._reservoir[identity]
+            picks = self.rng.choice(len(rows), size=self.k, replace=len(rows) < self.k)
+            batch.extend((identity, rows[j]) for j in picks)
+        return batch
+
     def batches(self, stream: Iterable[tuple[int, object]]) -> Iterator[list[tuple[int, object]]]:
         """Convenience: consume ``(identity, row)`` pairs and yield every batch."""
         for identity, row in stream:

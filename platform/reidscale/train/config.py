@@ -66,7 +66,20 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     log_every: int = 10
+    # 0: checkpoint at the end of every epoch only
+    checkpoint_every_steps: int = 0
+    # Rank-1/mAP on the query/gallery split every N epochs (0: off); the best model is exported
+    eval_every_epochs: int = 0
+    # retries after a worker dies; each retry resumes from the last complete checkpoint
     max_failures: int = 0
+    # a checkpoint directory to start from (must be complete); empty: the run's own latest, if any
+    resume_from: str = ""
+    # identities held by the P×K window (0: 4 × P); bounds memory, widens the choice of negatives
+    window_identities: int = 0
+    # CPUs per Ray Data read+decode task
+    data_cpus_per_task: float = 1.0
+    # JSON lines of (rank, epoch, step, identities) per step, for checking reproducibility
+    trace_file: str = ""
     # empty: <run_dir>/ray_results; a shared path or s3:// for multi-node
     storage_path: str = ""
 
@@ -83,6 +96,12 @@ class TrainConfig:
             raise ConfigError(f"zero_stage: {self.zero_stage} is not a ZeRO stage (0-3)")
         if self.cpus_per_worker <= 0 or self.gradient_accumulation_steps < 1 or self.log_every < 1:
             raise ConfigError("cpus_per_worker, gradient_accumulation_steps, log_every: must be positive")
+        if self.checkpoint_every_steps < 0 or self.eval_every_epochs < 0 or self.max_failures < 0:
+            raise ConfigError("checkpoint_every_steps, eval_every_epochs, max_failures: must be >= 0")
+        if self.window_identities and self.window_identities < self.p:
+            raise ConfigError(f"window_identities: {self.window_identities} is smaller than p={self.p}")
+        if self.data_cpus_per_task <= 0:
+            raise ConfigError("data_cpus_per_task: must be > 0")
 
 
 @dataclass

@@ -7,7 +7,9 @@ the process-group backend (made by the trainer) and the precision.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from reidscale.config import _build
-from reidscale.data.pipeline import PKStream
+from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.losses import cross_entropy_label_smooth, triplet_batch_hard
 from reidscale.models.reid import build_reid_model, export_embedding_model
+from reidscale.train.checkpoint import use_safe_loading, verify_complete, write_rank_listing, write_state
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.schedule import lr_factor
 
@@ -85,12 +88,37 @@ def compute_loss(model, images, labels, cfg: TrainJobConfig) -> tuple[torch.Tens
     return total, {**{k: float(v.detach()) for k, v in terms.items()}, "acc": float(acc)}
 
 
-def _all_have_batch(has_batch: bool, device: torch.device) -> bool:
-    """Every worker must take the same number of steps, or a collective hangs."""
+def _any_worker(has_batch: bool, device: torch.device) -> bool:
+    """True while any worker still has a real batch: all take the same number of steps."""
     flag = torch.tensor([1 if has_batch else 0], device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _sum_over_workers(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+def export_from_engine(engine, cfg: TrainJobConfig, rank: int, out_dir: Path, extra: dict) -> None:
+    """Every rank calls this (ZeRO-3 must gather the partitioned weights); rank 0 writes."""
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, out_dir, extra=extra)
+    elif rank == 0:
+        export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, out_dir, extra=extra)
+
+
+def _logged_up_to(mlflow, run_id: str, key: str) -> int:
+    """Highest step already in MLflow: after a restart those steps are not logged again."""
+    history = mlflow.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=0)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -101,29 +129,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from reidscale import tracking
 
     cfg = _build(TrainJobConfig, loop_config["cfg"])
+    t = cfg.train
     num_classes = loop_config["num_classes"]
-    steps_per_epoch = loop_config["steps_per_epoch"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    precision = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    precision = resolve_precision(t.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(t.seed)  # same init on every rank
+    run_dir = Path(cfg.run_dir)
+    run_id = loop_config["run_id"]
+    checkpoint = ray.train.get_checkpoint()
 
     model = build_reid_model(cfg.model, cfg.transform, num_classes)
-    run_dir = Path(cfg.run_dir)
-    if rank == 0 and not ray.train.get_checkpoint():
+    if rank == 0 and not checkpoint:
         # the untrained reference: the very weights training starts from
         export_embedding_model(model.embedding, cfg.model, cfg.transform, run_dir / "models" / "untrained",
-                               extra={"mlflow_run_id": loop_config["run_id"], "trained_steps": 0})
+                               extra={"mlflow_run_id": run_id, "trained_steps": 0})
     optimizer = make_optimizer(model, cfg)
-    # The schedule is in steps, but a streaming P×K epoch's length is only estimated until the
-    # first epoch has run; `plan` is corrected then (before any cosine decay has started when
-    # warm-up lasts at least one epoch).
-    plan = {"steps_per_epoch": steps_per_epoch}
+    # `state` is what a checkpoint restores. The schedule is in steps, but a streaming P×K
+    # epoch's length is only estimated until the first epoch has run; it is corrected then
+    # (before any cosine decay has started when warm-up lasts at least one epoch).
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "world_size": world,
+             "steps_per_epoch": loop_config["steps_per_epoch"], "best_mAP": -1.0, "decode_errors": 0}
 
     def factor(step: int) -> float:
-        spe = plan["steps_per_epoch"]
-        return lr_factor(step, total_steps=spe * cfg.train.epochs, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)),
+        spe = state["steps_per_epoch"]
+        return lr_factor(step, total_steps=spe * t.epochs, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)),
                          schedule=cfg.optim.schedule, milestone_steps=[m * spe for m in cfg.optim.milestones],
                          gamma=cfg.optim.gamma)
 
@@ -132,74 +164,128 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, precision), dist_init_required=False,
     )
+    use_safe_loading(engine)
 
-    start_epoch, global_step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
-        start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
-        plan["steps_per_epoch"] = client_state.get("steps_per_epoch", steps_per_epoch)
+            restored = verify_complete(ckpt_dir)
+            if restored["world_size"] != world:
+                raise RuntimeError(f"checkpoint {checkpoint.path} was written by {restored['world_size']} workers, "
+                                   f"this run has {world}; the sampler streams would differ")
+            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+        state.update(restored)
+        if rank == 0:
+            log.info(f"resumed from {checkpoint.path}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']} "
+                     f"of it, global step {state['global_step']}")
 
     mlflow = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
-    run_id = loop_config["run_id"]
-    stream = PKStream(cfg.train.p, cfg.train.k, seed=cfg.train.seed * 1000 + rank)
-    shard = ray.train.get_dataset_shard("train")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    start_time = time.time()
+    logged_up_to = _logged_up_to(mlflow, run_id, "loss") if rank == 0 else 0
+    epochs_logged_up_to = _logged_up_to(mlflow, run_id, "epoch") if rank == 0 else 0
+    stream = PKStream(t.p, t.k, seed=t.seed * 1_000_003 + rank, window_identities=t.window_identities or None)
+    trace = open(f"{t.trace_file}.rank{rank}", "a") if t.trace_file else None
+    start_time, start_step = time.time(), state["global_step"]
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    def save(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+            write_rank_listing(tmp, rank)
+            if rank == 0:
+                write_state(tmp, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    for epoch in range(state["epoch"], t.epochs):
         engine.train()
-        batches = stream.epoch(shard, epoch)
-        epoch_loss, epoch_steps, images = 0.0, 0, 0
-        t0 = time.time()
+        dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=t.seed,
+                                       rank=rank, world=world, cpus_per_task=t.data_cpus_per_task)
+        real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
+        step_in_epoch = state["step_in_epoch"] if epoch == state["epoch"] else 0
+        for _ in range(step_in_epoch):
+            # replay the batches a checkpoint already trained on, so the next ones are those
+            # the uninterrupted run would have drawn (sampler RNG and window included)
+            if next(real, None) is None:
+                stream.pad()
+        epoch_loss, epoch_steps, images, t0 = 0.0, 0, 0, time.time()
         while True:
-            batch = next(batches, None)
-            if not _all_have_batch(batch is not None, device):
+            batch = next(real, None)
+            if not _any_worker(batch is not None, device):
                 break
+            if batch is None:
+                batch = stream.pad()
             images_t = torch.from_numpy(batch["image"]).to(device=device, dtype=dtype)
             labels = torch.from_numpy(batch["label"]).to(device)
             loss, terms = compute_loss(engine, images_t, labels, cfg)
             engine.backward(loss)
             engine.step()
-            global_step += 1
+            step_in_epoch += 1
             epoch_steps += 1
+            state["global_step"] += 1
+            step = state["global_step"]
             images += len(labels)
             epoch_loss += float(loss.detach())
-            if rank == 0 and global_step % cfg.train.log_every == 0:
-                total_steps = plan["steps_per_epoch"] * cfg.train.epochs
+            if trace:
+                trace.write(json.dumps({"pid": os.getpid(), "epoch": epoch, "step": step,
+                                        "row_ids": batch["row_id"].tolist()}) + "\n")
+                trace.flush()
+            if rank == 0 and step % t.log_every == 0:
+                total = state["steps_per_epoch"] * t.epochs
                 lr = optimizer.param_groups[0]["lr"]
                 rate = images / max(time.time() - t0, 1e-9)
-                done = global_step / max(total_steps, 1)
-                eta = (time.time() - start_time) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
+                per_step = (time.time() - start_time) / max(step - start_step, 1)
                 log.info(
-                    f"epoch {epoch + 1}/{cfg.train.epochs} step {global_step}/{total_steps} "
-                    f"loss {float(loss):.4f} "
+                    f"epoch {epoch + 1}/{t.epochs} step {step}/{total} loss {float(loss.detach()):.4f} "
                     + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                    + f" lr {lr:.2e} {rate:.1f} img/s/worker eta {eta / 60:.1f} min"
+                    + f" lr {lr:.2e} {rate:.1f} img/s/worker eta {max(total - step, 0) * per_step / 60:.1f} min"
                 )
-                tracking.log_metrics(mlflow, run_id, {"loss": float(loss), "lr": lr, "images_per_s_per_worker": rate,
-                                                      **{f"loss_{k}": v for k, v in terms.items()}}, step=global_step)
+                if step > logged_up_to:
+                    tracking.log_metrics(mlflow, run_id, {"loss": float(loss.detach()), "lr": lr, "images_per_s_per_worker": rate,
+                                                          **{f"loss_{k}": v for k, v in terms.items()}}, step=step)
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                state["epoch"], state["step_in_epoch"] = epoch, step_in_epoch
+                save({"epoch": epoch, "global_step": step, "loss": float(loss.detach())})
 
-        if epoch == 0:
-            plan["steps_per_epoch"] = epoch_steps
+        if epoch == 0 and step_in_epoch == epoch_steps:
+            state["steps_per_epoch"] = epoch_steps
+        state["decode_errors"] += _sum_over_workers(stream.decode_errors, device)
+        stream.decode_errors = 0
         metrics = {
             "epoch": epoch + 1,
-            "global_step": global_step,
+            "global_step": state["global_step"],
             "epoch_loss": epoch_loss / max(epoch_steps, 1),
-            "epoch_steps": epoch_steps,
-            "decode_errors": stream.decode_errors,
+            "epoch_steps": step_in_epoch,
+            "decode_errors": state["decode_errors"],
             "images_per_s_per_worker": images / max(time.time() - t0, 1e-9),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG,
-                                   client_state={"epoch": epoch, "global_step": global_step,
-                                                 "steps_per_epoch": plan["steps_per_epoch"]})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if rank == 0:
-            tracking.log_metrics(mlflow, run_id, {f"epoch_{k}" if k not in ("epoch",) else k: v
-                                                  for k, v in metrics.items()}, step=global_step)
+        if t.eval_every_epochs and ((epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.epochs):
+            from reidscale.train.validation import validate
 
+            engine.eval()
+            scores = validate(engine.module.embedding, cfg.data_dir, cfg.transform, rank=rank, world=world,
+                              device=device, dtype=dtype)
+            engine.train()
+            best = torch.tensor([0], device=device)
+            if rank == 0:
+                metrics.update({f"val_{k}": v for k, v in scores.items()})
+                log.info(f"epoch {epoch + 1} validation: rank-1 {scores['rank1']:.4f} mAP {scores['mAP']:.4f}")
+                if scores["mAP"] > state["best_mAP"]:
+                    state["best_mAP"] = scores["mAP"]
+                    best[0] = 1
+            if dist.is_initialized():
+                dist.broadcast(best, src=0)
+            if best.item():
+                export_from_engine(engine, cfg, rank, run_dir / "models" / "best",
+                                   extra={"mlflow_run_id": run_id, "trained_steps": state["global_step"],
+                                          "epoch": epoch + 1, "val_mAP": state["best_mAP"]})
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if rank == 0 and state["global_step"] > epochs_logged_up_to:
+            tracking.log_metrics(mlflow, run_id, {f"epoch_{k}" if k != "epoch" else k: v for k, v in metrics.items()},
+                                 step=state["global_step"])
+        save(metrics)
+
+    export_from_engine(engine, cfg, rank, run_dir / "models" / "trained",
+                       extra={"mlflow_run_id": run_id, "trained_steps": state["global_step"]})
     if rank == 0:
-        export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, run_dir / "models" / "trained",
-                               extra={"mlflow_run_id": run_id, "trained_steps": global_step})
+        for name in ("trained", "best"):
+            if (run_dir / "models" / name).is_dir():
+                mlflow.log_artifacts(run_id, str(run_dir / "models" / name), artifact_path=f"models/{name}")
+    if trace:
+        trace.close()

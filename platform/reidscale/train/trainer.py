@@ -49,11 +49,10 @@ def cluster_has_gpus() -> bool:
 
 def run_training(cfg: TrainJobConfig) -> dict:
     """Train, checkpoint and export; returns a summary dict (also written as JSON)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from reidscale.data.pipeline import decoded, read_split
+    from reidscale.data.pipeline import row_groups
 
     cfg = resolve_paths(cfg)
     run_dir = Path(cfg.run_dir)
@@ -78,9 +77,18 @@ def run_training(cfg: TrainJobConfig) -> dict:
     init_ray()
     use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
     steps_per_epoch = estimate_steps_per_epoch(cfg.data_dir, cfg.train.p, cfg.train.k, cfg.train.num_workers)
-    # our own per-step progress lines say more than Ray Data's bars in a job log
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = decoded(read_split(cfg.data_dir, "train", verify=False), cfg.transform, train=True)
+    groups = row_groups(cfg.data_dir, "train")
+    if len(groups) < cfg.train.num_workers:
+        raise ValueError(f"{cfg.data_dir}: the train split has {len(groups)} row groups for {cfg.train.num_workers} "
+                         "workers; write smaller row groups (prepare_data rows_per_group=...) or use fewer workers")
+    resume = None
+    if cfg.train.resume_from:
+        from reidscale.train.checkpoint import verify_complete
+
+        state = verify_complete(cfg.train.resume_from)  # refuse before any worker starts
+        print(f"resuming from {cfg.train.resume_from} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}",
+              flush=True)
+        resume = ray.train.Checkpoint(cfg.train.resume_from)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
@@ -90,6 +98,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
             "cfg": asdict(cfg),
             "num_classes": num_classes,
             "steps_per_epoch": steps_per_epoch,
+            "row_groups": groups,
             "run_id": run_id,
             "tracking_uri": uri,
         },
@@ -103,7 +112,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        resume_from_checkpoint=resume,
     )
     t0 = time.time()
     result = trainer.fit()
