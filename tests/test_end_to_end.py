@@ -30,7 +30,7 @@ def run_job(script, *args, env=None):
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     run_job("prepare_data.py", f"run_dir={run_dir}", "synthetic.num_identities=40", "synthetic.height=32",
-            "synthetic.width=16", "synthetic.images_per_identity_median=8")
+            "synthetic.width=16", "synthetic.images_per_identity_median=8", "rows_per_group=24")
     proc = run_job("train_clipreid.py", f"run_dir={run_dir}", *TOY_TRAIN)
     return run_dir, proc
 

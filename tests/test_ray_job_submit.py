@@ -69,7 +69,7 @@ def test_train_job_runs_through_ray_job_submit(head):
     run_dir = temp_dir / f"run-{uuid.uuid4().hex[:6]}"
     prep = subprocess.run(
         [sys.executable, "jobs/prepare_data.py", f"run_dir={run_dir}", "synthetic.num_identities=24",
-         "synthetic.height=32", "synthetic.width=16", "synthetic.images_per_identity_median=6"],
+         "synthetic.height=32", "synthetic.width=16", "synthetic.images_per_identity_median=6", "rows_per_group=16"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert prep.returncode == 0, prep.stderr
