@@ -154,7 +154,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
              "steps_per_epoch": loop_config["steps_per_epoch"], "best_mAP": -1.0, "decode_errors": 0}
 
     def factor(step: int) -> float:
-        spe = state["steps_per_epoch"]
+        # the scheduler steps once per optimizer step, i.e. every gradient_accumulation_steps batches
+        spe = max(1, state["steps_per_epoch"] // t.gradient_accumulation_steps)
         return lr_factor(step, total_steps=spe * t.epochs, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)),
                          schedule=cfg.optim.schedule, milestone_steps=[m * spe for m in cfg.optim.milestones],
                          gamma=cfg.optim.gamma)
