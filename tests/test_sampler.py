@@ -89,3 +89,33 @@ def test_extra_batch_without_enough_identities_is_a_clear_error():
     batcher = PKBatcher(2, 2, seed=0)
     with pytest.raises(ValueError, match="only 0 identities"):
         batcher.extra()
+
+
+def test_hard_negative_mode_groups_the_most_similar_identities():
+    # identities on a line: similarity = -|a - b|, so a batch is the anchor and its P-1 neighbours
+    def similarity(anchor, identities):
+        return -np.abs(np.asarray(identities) - anchor)
+
+    batcher = PKBatcher(4, 2, window_identities=40, seed=3, similarity=similarity)
+    batches = list(batcher.batches(_stream({i: 2 for i in range(0, 400, 5)})))
+    spreads = [max(i for i, _ in b) - min(i for i, _ in b) for b in batches[:10]]
+    # uniform choice over a 40-identity window would spread ~150 apart; neighbours stay within ~5 steps
+    assert max(spreads) <= 6 * 5
+    uniform = list(PKBatcher(4, 2, window_identities=40, seed=3).batches(_stream({i: 2 for i in range(0, 400, 5)})))
+    assert np.mean([max(i for i, _ in b) - min(i for i, _ in b) for b in uniform[:10]]) > 50
+
+
+def test_random_baseline_emits_every_row_once_in_full_batches():
+    from reidscale.data.sampler import RandomBatcher
+
+    stream = _stream({i: 3 for i in range(50)})
+    batcher = RandomBatcher(16, seed=0)
+    out = []
+    for identity, row in stream:
+        batcher.add(identity, row)
+        out.extend(batcher.ready())
+    out.extend(batcher.flush())
+    assert all(len(b) == 16 for b in out)
+    rows = [row for b in out for _, row in b]
+    assert set(rows) == {row for _, row in stream}
+    assert len(rows) - len(set(rows)) < 16  # only the last batch repeats rows

@@ -48,3 +48,16 @@ def test_zero_stages_and_bf16_train_and_export_full_weights(tmp_path, data_dir, 
     for name, tensor in trained.items():
         assert tensor.shape == untrained[name].shape, name
     assert any(not (trained[n].float() - untrained[n].float()).abs().max() < 1e-8 for n in trained)
+
+
+@pytest.mark.parametrize("sampler", ["hard", "random"])
+def test_other_samplers_train(tmp_path, data_dir, sampler):
+    proc = subprocess.run(
+        [sys.executable, "jobs/train_clipreid.py", f"run_dir={tmp_path}", f"data_dir={data_dir}", *TOY,
+         "train.epochs=2", f"train.sampler={sampler}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "train_summary.json").read_text())["final"]["epoch"] == 2
+    centres = list((tmp_path / "sampler").glob("centres-epoch*.npy"))
+    assert [c.name for c in centres] == (["centres-epoch0001.npy"] if sampler == "hard" else [])

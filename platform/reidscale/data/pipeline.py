@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from reidscale.data import shards
-from reidscale.data.sampler import PKBatcher
+from reidscale.data.sampler import PKBatcher, RandomBatcher
 from reidscale.data.transforms import TransformConfig, decode_batch
 
 
@@ -100,16 +100,26 @@ class PKStream:
     identities already seen, for a worker whose stream ran out before the others'.
     """
 
-    def __init__(self, p: int, k: int, *, seed: int, window_identities: int | None = None):
-        self.p, self.k, self.seed = p, k, seed
+    def __init__(self, p: int, k: int, *, seed: int, window_identities: int | None = None, mode: str = "pk"):
+        if mode not in ("pk", "hard", "random"):
+            raise ValueError(f"sampler mode {mode!r} is not one of pk, hard, random")
+        self.p, self.k, self.seed, self.mode = p, k, seed, mode
         self.window_identities = window_identities
         self.decode_errors = 0
         self.rows_seen = 0
-        self.batcher: PKBatcher | None = None
+        self.batcher: PKBatcher | RandomBatcher | None = None
 
-    def epoch(self, batches: Iterable[dict], epoch: int) -> Iterator[dict]:
-        self.batcher = PKBatcher(self.p, self.k, window_identities=self.window_identities,
-                                 seed=_mix(self.seed, epoch) % (2**63))
+    def epoch(self, batches: Iterable[dict], epoch: int, centres: np.ndarray | None = None) -> Iterator[dict]:
+        """One epoch of batches. ``centres`` (classes × D, L2-normalised; "hard" mode) are the
+        class centres that define which identities are close."""
+        seed = _mix(self.seed, epoch) % (2**63)
+        if self.mode == "random":
+            window = (self.window_identities or 4 * self.p) * self.k
+            self.batcher = RandomBatcher(self.p * self.k, window_rows=window, seed=seed)
+        else:
+            similarity = self._centre_similarity(centres) if self.mode == "hard" and centres is not None else None
+            self.batcher = PKBatcher(self.p, self.k, window_identities=self.window_identities, seed=seed,
+                                     similarity=similarity)
         for batch in batches:
             ok = batch["decode_ok"]
             self.rows_seen += len(ok)
@@ -120,6 +130,17 @@ class PKStream:
                 yield self._stack(pk)
         for pk in self.batcher.flush():
             yield self._stack(pk)
+
+    def _centre_similarity(self, centres: np.ndarray):
+        def label(identity: int) -> int:
+            rows = self.batcher._open.get(identity) or self.batcher._reservoir[identity]
+            return int(rows[0][1])
+
+        def similarity(anchor: int, identities: list[int]) -> np.ndarray:
+            labels = np.fromiter((label(i) for i in identities), dtype=np.int64, count=len(identities))
+            return np.asarray(centres[labels], dtype=np.float32) @ np.asarray(centres[label(anchor)], dtype=np.float32)
+
+        return similarity
 
     def pad(self) -> dict:
         return self._stack(self.batcher.extra())

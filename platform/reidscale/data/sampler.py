@@ -17,16 +17,28 @@ Promise of one pass over a stream (one "epoch" of one worker):
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 
+Similarity = Callable[[int, list[int]], np.ndarray]
+
+
 class PKBatcher:
-    def __init__(self, p: int, k: int, *, window_identities: int | None = None, seed: int = 0):
+    """P×K batches from a stream of (identity, row).
+
+    ``similarity(anchor, identities) -> scores`` turns on hard-negative grouping: each batch
+    is one anchor identity drawn at random from the window plus the P-1 window identities most
+    similar to it (e.g. cosine of last epoch's class centres), instead of P drawn uniformly.
+    """
+
+    def __init__(self, p: int, k: int, *, window_identities: int | None = None, seed: int = 0,
+                 similarity: Similarity | None = None):
         if p < 2 or k < 1:
             raise ValueError(f"P×K batches need p >= 2 and k >= 1, got p={p}, k={k}")
         self.p, self.k = p, k
+        self.similarity = similarity
         self.window = max(window_identities or 4 * p, p)
         self.rng = np.random.default_rng(seed)
         # identity -> list of row payloads not yet emitted
@@ -60,9 +72,17 @@ class PKBatcher:
         while len(self._reservoir) > 2 * self.p:
             self._reservoir.popitem(last=False)
 
+    def _choose(self, identities: list[int]) -> np.ndarray:
+        if self.similarity is None or len(identities) == self.p:
+            return self.rng.choice(len(identities), size=self.p, replace=False)
+        anchor = int(self.rng.integers(len(identities)))
+        scores = np.asarray(self.similarity(identities[anchor], identities), dtype=np.float64)
+        scores[anchor] = np.inf  # the anchor itself comes first
+        return np.argsort(-scores, kind="stable")[: self.p]
+
     def _emit(self) -> list[tuple[int, object]]:
         identities = list(self._open)
-        chosen = self.rng.choice(len(identities), size=self.p, replace=False)
+        chosen = self._choose(identities)
         batch = []
         for i in chosen:
             identity = identities[i]
@@ -125,3 +145,51 @@ class PKBatcher:
             self.add(identity, row)
             yield from self.ready()
         yield from self.flush()
+
+
+class RandomBatcher:
+    """The baseline: batches of ``batch_size`` rows drawn uniformly from a shuffle window.
+
+    No identity structure, as a plain shuffled DataLoader gives; kept so users can measure
+    what P×K sampling buys them. Same interface as PKBatcher; every row is emitted once,
+    the last partial batch is completed with rows already emitted.
+    """
+
+    def __init__(self, batch_size: int, *, window_rows: int | None = None, seed: int = 0):
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        self.batch_size = batch_size
+        self.window = max(window_rows or 8 * batch_size, batch_size)
+        self.rng = np.random.default_rng(seed)
+        self._buffer: list[tuple[int, object]] = []
+        self._recent: list[tuple[int, object]] = []
+
+    def add(self, identity: int, row) -> None:
+        self._buffer.append((int(identity), row))
+
+    def _emit(self, n: int) -> list[tuple[int, object]]:
+        picks = sorted(self.rng.choice(len(self._buffer), size=n, replace=False).tolist(), reverse=True)
+        batch = [self._buffer[i] for i in picks]
+        for i in picks:
+            # swap-remove: O(1) per row, order inside the buffer does not matter
+            self._buffer[i] = self._buffer[-1]
+            self._buffer.pop()
+        self._recent = (self._recent + batch)[-4 * self.batch_size :]
+        return batch
+
+    def ready(self) -> Iterator[list[tuple[int, object]]]:
+        while len(self._buffer) >= self.window:
+            yield self._emit(self.batch_size)
+
+    def flush(self) -> Iterator[list[tuple[int, object]]]:
+        while len(self._buffer) >= self.batch_size:
+            yield self._emit(self.batch_size)
+        if self._buffer:
+            rest = self._emit(len(self._buffer))
+            fill = [self._recent[i] for i in self.rng.choice(len(self._recent), size=self.batch_size - len(rest))]
+            yield rest + fill
+
+    def extra(self) -> list[tuple[int, object]]:
+        if not self._recent:
+            raise ValueError("cannot form an extra batch: no rows seen")
+        return [self._recent[i] for i in self.rng.choice(len(self._recent), size=self.batch_size)]

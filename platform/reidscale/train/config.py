@@ -74,6 +74,9 @@ class TrainConfig:
     max_failures: int = 0
     # a checkpoint directory to start from (must be complete); empty: the run's own latest, if any
     resume_from: str = ""
+    # pk: P random identities from the window; hard: an anchor identity and its P-1 nearest by
+    # last epoch's class centres; random: no identity structure (the baseline P×K is measured against)
+    sampler: Literal["pk", "hard", "random"] = "pk"
     # identities held by the P×K window (0: 4 × P); bounds memory, widens the choice of negatives
     window_identities: int = 0
     # CPUs per Ray Data read+decode task

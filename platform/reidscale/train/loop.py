@@ -115,6 +115,40 @@ def export_from_engine(engine, cfg: TrainJobConfig, rank: int, out_dir: Path, ex
         export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, out_dir, extra=extra)
 
 
+def _epoch_centres(engine, cfg: TrainJobConfig, epoch: int, rank: int):
+    """L2-normalised class centres (the classifier's rows) as they stand at the start of ``epoch``.
+
+    Written once per epoch by rank 0 and memory-mapped by every rank, so a run resumed in the
+    middle of an epoch groups identities with the same centres the interrupted run used.
+    """
+    import numpy as np
+
+    from reidscale.data.shards import atomic_write_bytes
+
+    path = Path(cfg.run_dir) / "sampler" / f"centres-epoch{epoch:04d}.npy"
+    # rank 0 decides, so that every rank enters (or skips) the ZeRO-3 gather together
+    missing = torch.tensor([0 if path.exists() else 1], device=engine.device)
+    if dist.is_initialized():
+        dist.broadcast(missing, src=0)
+    if missing.item():
+        import io
+
+        import deepspeed
+
+        weight = engine.module.classifier.weight
+        gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None) if cfg.train.zero_stage == 3 else None
+        with gather if gather is not None else torch.no_grad():
+            centres = torch.nn.functional.normalize(weight.detach().float(), dim=1).cpu().numpy().astype(np.float16)
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            np.save(buf, centres)
+            atomic_write_bytes(path, buf.getvalue())
+    if dist.is_initialized():
+        dist.barrier()
+    return np.load(path, mmap_mode="r")
+
+
 def _logged_up_to(mlflow, run_id: str, key: str) -> int:
     """Highest step already in MLflow: after a restart those steps are not logged again."""
     history = mlflow.get_metric_history(run_id, key)
@@ -182,7 +216,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mlflow = tracking.client(loop_config["tracking_uri"]) if rank == 0 else None
     logged_up_to = _logged_up_to(mlflow, run_id, "loss") if rank == 0 else 0
     epochs_logged_up_to = _logged_up_to(mlflow, run_id, "epoch") if rank == 0 else 0
-    stream = PKStream(t.p, t.k, seed=t.seed * 1_000_003 + rank, window_identities=t.window_identities or None)
+    stream = PKStream(t.p, t.k, seed=t.seed * 1_000_003 + rank, window_identities=t.window_identities or None,
+                      mode=t.sampler)
     trace = open(f"{t.trace_file}.rank{rank}", "a") if t.trace_file else None
     start_time, start_step = time.time(), state["global_step"]
 
@@ -198,7 +233,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.train()
         dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=t.seed,
                                        rank=rank, world=world, cpus_per_task=t.data_cpus_per_task)
-        real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
+        centres = _epoch_centres(engine, cfg, epoch, rank) if t.sampler == "hard" and epoch > 0 else None
+        real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch, centres)
         step_in_epoch = state["step_in_epoch"] if epoch == state["epoch"] else 0
         for _ in range(step_in_epoch):
             # replay the batches a checkpoint already trained on, so the next ones are those
