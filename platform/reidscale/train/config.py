@@ -9,6 +9,7 @@ from reidscale.config import ConfigError
 from reidscale.data.transforms import TransformConfig
 from reidscale.models.backbone import ModelConfig
 from reidscale.tracking import TrackingConfig
+from reidscale.train.clipreid import ClipReIDConfig
 
 
 @dataclass
@@ -118,6 +119,10 @@ class TrainJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # baseline: one stage (ID + triplet); clipreid: prompt learning (stage 1), then image
+    # fine-tuning with the identity text features as an extra loss (stage 2 = `train.epochs`)
+    recipe: Literal["baseline", "clipreid"] = "baseline"
+    clipreid: ClipReIDConfig = field(default_factory=ClipReIDConfig)
     run_name: str = "train"
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from reidscale.config import _build
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
-from reidscale.losses import cross_entropy_label_smooth, triplet_batch_hard
+from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
 from reidscale.models.reid import build_reid_model, export_embedding_model
 from reidscale.train.checkpoint import use_safe_loading, verify_complete, write_rank_listing, write_state
 from reidscale.train.config import TrainJobConfig
@@ -71,7 +71,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainJobConfig) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
-def compute_loss(model, images, labels, cfg: TrainJobConfig) -> tuple[torch.Tensor, dict]:
+def compute_loss(model, images, labels, cfg: TrainJobConfig, text_features: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict]:
     feat, logits = model(images)
     terms = {}
     total = torch.zeros((), device=images.device)
@@ -83,6 +84,10 @@ def compute_loss(model, images, labels, cfg: TrainJobConfig) -> tuple[torch.Tens
             feat.float(), labels, margin=cfg.loss.triplet_margin, soft_margin=cfg.loss.triplet_soft_margin
         )
         total = total + cfg.loss.triplet_weight * terms["triplet"]
+    if text_features is not None and cfg.clipreid.i2t_weight > 0:
+        # CLIP-ReID stage 2: each image against every identity's frozen text feature
+        terms["i2t"] = i2t_cross_entropy(feat.float(), text_features, labels, 1.0, epsilon=cfg.loss.label_smoothing)
+        total = total + cfg.clipreid.i2t_weight * terms["i2t"]
     with torch.no_grad():
         acc = (logits.argmax(1) == labels).float().mean()
     return total, {**{k: float(v.detach()) for k, v in terms.items()}, "acc": float(acc)}
@@ -175,11 +180,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_id = loop_config["run_id"]
     checkpoint = ray.train.get_checkpoint()
 
-    model = build_reid_model(cfg.model, cfg.transform, num_classes)
+    if cfg.recipe == "clipreid":
+        from reidscale.models.prompt_learner import build_clip
+        from reidscale.models.reid import ReIDModel
+
+        c = cfg.clipreid
+        clip = build_clip(cfg.model, (cfg.transform.height, cfg.transform.width), text_width=c.text_width,
+                          text_layers=c.text_layers, text_heads=c.text_heads)
+        model = ReIDModel(clip.visual, int(clip.visual.output_dim), num_classes)
+    else:
+        model = build_reid_model(cfg.model, cfg.transform, num_classes)
     if rank == 0 and not checkpoint:
         # the untrained reference: the very weights training starts from
         export_embedding_model(model.embedding, cfg.model, cfg.transform, run_dir / "models" / "untrained",
                                extra={"mlflow_run_id": run_id, "trained_steps": 0})
+    text_features = None
+    if cfg.recipe == "clipreid":
+        from reidscale.train.clipreid import run_stage1
+
+        # before the stage-2 engine exists: stage 1 runs the image encoder frozen, outside any engine
+        text_features = run_stage1(clip, cfg, loop_config, rank=rank, world=world, device=device,
+                                   precision=precision).to(device)
+        del clip.transformer  # the text tower is done; keep only what stage 2 trains
     optimizer = make_optimizer(model, cfg)
     # `state` is what a checkpoint restores. The schedule is in steps, but a streaming P×K
     # epoch's length is only estimated until the first epoch has run; it is corrected then
@@ -250,7 +272,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 batch = stream.pad()
             images_t = torch.from_numpy(batch["image"]).to(device=device, dtype=dtype)
             labels = torch.from_numpy(batch["label"]).to(device)
-            loss, terms = compute_loss(engine, images_t, labels, cfg)
+            loss, terms = compute_loss(engine, images_t, labels, cfg, text_features)
             engine.backward(loss)
             engine.step()
             step_in_epoch += 1

@@ -110,6 +110,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
             "num_classes": num_classes,
             "steps_per_epoch": steps_per_epoch,
             "row_groups": groups,
+            "stage1_steps_per_epoch": math.ceil(sum(g[2] for g in groups) / (cfg.train.num_workers * cfg.clipreid.stage1_batch)),
             "run_id": run_id,
             "tracking_uri": uri,
         },

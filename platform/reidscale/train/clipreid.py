@@ -1,0 +1,129 @@
+"""CLIP-ReID stage 1 inside a training worker: learn identity prompts, freeze their text features.
+
+Stage 1 trains only the prompt tokens (image and text encoders frozen) with the symmetric
+supervised image↔text contrastive loss, on randomly drawn batches seen without augmentation
+(the paper's recipe). The paper caches every training image's feature once; here image
+features are computed on the fly from each worker's own stream, so nothing grows with the
+training set: the cost is one frozen forward pass per image per stage-1 epoch.
+
+The result, one text feature per identity, is written once to
+``<run_dir>/clipreid/text_features.safetensors``; a resumed run finds it and skips stage 1.
+Stage 2 is the ordinary training loop with one more loss term (``i2t`` in ``loop.compute_loss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from reidscale.config import ConfigError
+
+log = logging.getLogger("reidscale.train")
+TEXT_FEATURES = "text_features.safetensors"
+
+
+@dataclass
+class ClipReIDConfig:
+    """Stage-1 settings and the stage-2 image→text loss weight (CLIP-ReID's ViT-B/16 recipe by default)."""
+
+    stage1_epochs: int = 120
+    stage1_lr: float = 3.5e-4
+    stage1_weight_decay: float = 1e-4
+    stage1_warmup_epochs: float = 5.0
+    # images per worker per stage-1 step (drawn at random, not P×K)
+    stage1_batch: int = 64
+    n_ctx: int = 4
+    noun: str = "person"
+    i2t_weight: float = 1.0
+    # the tiny text tower used when model.open_clip_model is empty (tests, CPU demo)
+    text_width: int = 64
+    text_layers: int = 1
+    text_heads: int = 2
+
+    def validate(self) -> None:
+        if self.stage1_epochs < 0 or self.stage1_batch < 2 or self.n_ctx < 1:
+            raise ConfigError("stage1_epochs >= 0, stage1_batch >= 2, n_ctx >= 1")
+        if self.stage1_lr <= 0 or self.i2t_weight < 0:
+            raise ConfigError("stage1_lr must be > 0 and i2t_weight >= 0")
+        if self.text_width % self.text_heads:
+            raise ConfigError(f"text_width: {self.text_width} is not divisible by text_heads={self.text_heads}")
+
+
+def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, precision: str) -> torch.Tensor:
+    """Train the prompts (or load their result) and return text features (classes × D, float32)."""
+    import deepspeed
+
+    from reidscale.data.pipeline import PKStream, worker_epoch_dataset
+    from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
+    from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
+    from reidscale.train.loop import _any_worker, deepspeed_config
+    from reidscale.train.schedule import lr_factor
+
+    c = cfg.clipreid
+    num_classes = loop_config["num_classes"]
+    out = Path(cfg.run_dir) / "clipreid" / TEXT_FEATURES
+    if out.is_file():
+        log.info(f"stage 1 already done: text features from {out}")
+        return load_file(str(out))["text_features"]
+
+    stage1 = Stage1Model(PromptLearner(num_classes, clip.token_embedding, n_ctx=c.n_ctx, noun=c.noun), TextTower(clip))
+    visual = clip.visual.to(device).eval()
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam([stage1.prompts.ctx], lr=c.stage1_lr, weight_decay=c.stage1_weight_decay)
+    steps_per_epoch = max(1, loop_config["stage1_steps_per_epoch"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_steps=steps_per_epoch * c.stage1_epochs, warmup_steps=int(c.stage1_warmup_epochs * steps_per_epoch),
+        schedule="cosine"))
+    ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1, zero_stage=min(cfg.train.zero_stage, 2))),
+                              precision)
+    engine, _, _, _ = deepspeed.initialize(model=stage1.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_cfg, dist_init_required=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # seeds apart from stage 2's, so the two stages do not see the same order
+    stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random")
+    step, t0 = 0, time.time()
+    for epoch in range(c.stage1_epochs):
+        dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
+                                       rank=rank, world=world, train=False, cpus_per_task=cfg.train.data_cpus_per_task)
+        real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
+        while True:
+            batch = next(real, None)
+            if not _any_worker(batch is not None, device):
+                break
+            if batch is None:
+                batch = stream.pad()
+            labels = torch.from_numpy(batch["label"]).to(device)
+            with torch.no_grad():
+                image_features = visual(torch.from_numpy(batch["image"]).to(device)).float()
+            text_features = engine(labels).float()
+            loss = (supervised_contrastive_i2t(image_features, text_features, labels, 1.0)
+                    + supervised_contrastive_t2i(image_features, text_features, labels, 1.0))
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            if rank == 0 and step % cfg.train.log_every == 0:
+                log.info(f"stage 1 epoch {epoch + 1}/{c.stage1_epochs} step {step} loss {float(loss.detach()):.4f} "
+                         f"lr {optimizer.param_groups[0]['lr']:.2e} {(time.time() - t0) / step:.2f} s/step")
+    engine.eval()
+    features = all_text_features(engine.module, num_classes, rank=rank, world=world)
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        save_file({"text_features": features.contiguous()}, str(tmp))
+        os.replace(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+    for p in visual.parameters():
+        p.requires_grad_(True)
+    visual.train()
+    return features
+
+
