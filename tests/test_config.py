@@ -102,3 +102,14 @@ def test_boolean_words_fit_string_choices():
     cfg = load_config(TrainJobConfig, None, ["train.use_gpu=true", "run_name=false"])
     assert cfg.train.use_gpu == "true"
     assert cfg.run_name == "false"
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(TrainJobConfig, root / "clipreid_vit_b16_person.yaml")
+    assert cfg.recipe == "clipreid" and cfg.loss.id_weight == 0.25 and cfg.optim.lr == 5e-6
+    assert cfg.transform.mean == (0.5, 0.5, 0.5)
+    demo = load_config(TrainJobConfig, root / "demo" / "train.yaml")
+    assert demo.train.num_workers == 2

@@ -33,7 +33,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adam: L2 weight decay as in the CLIP-ReID/BoT recipes; adamw: decoupled decay
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     momentum: float = 0.9

@@ -68,6 +68,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainJobConfig) -> torch.optim.O
     ]
     if cfg.optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    if cfg.optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.optim.lr)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
