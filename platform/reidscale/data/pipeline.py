@@ -16,6 +16,7 @@ Only this module and the Ray-facing parts of ``train``/``embed`` import Ray; wha
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -84,6 +85,8 @@ def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed
     items = [{"path": g[0], "row_group": g[1], "seed": _mix(seed, epoch, index) % (2**63)} for index, g in mine]
     if not items:
         raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
+    # one dataset per worker per epoch: Ray Data's per-execution INFO lines would drown the job log
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible batches need a fixed order
     ctx.enable_progress_bars = False
