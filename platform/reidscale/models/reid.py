@@ -34,7 +34,15 @@ class BNNeck(nn.Module):
         self.bn.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x)
+        # statistics in fp32 whatever the compute dtype: DeepSpeed's bf16 mode casts the BN
+        # weights but keeps the running buffers fp32, and batch_norm refuses mixed dtypes
+        bn = self.bn
+        use_batch = bn.training or bn.running_mean is None
+        out = F.batch_norm(x.float(), bn.running_mean, bn.running_var, bn.weight.float(), bn.bias.float(),
+                           use_batch, bn.momentum if bn.momentum is not None else 0.0, bn.eps)
+        if bn.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        return out.to(x.dtype)
 
 
 class EmbeddingModel(nn.Module):
@@ -95,7 +103,9 @@ def export_embedding_model(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # exports are fp32 whatever the training precision (bf16 under DeepSpeed): one format to load
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     config = {
         "format": EXPORT_FORMAT,
