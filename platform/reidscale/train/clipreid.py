@@ -63,7 +63,7 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
     from reidscale.data.pipeline import PKStream, worker_epoch_dataset
     from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
     from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
-    from reidscale.train.loop import _any_worker, deepspeed_config
+    from reidscale.train.loop import deepspeed_config, lockstep
     from reidscale.train.schedule import lr_factor
 
     c = cfg.clipreid
@@ -94,12 +94,7 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
         dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
                                        rank=rank, world=world, train=False, cpus_per_task=cfg.train.data_cpus_per_task)
         real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
-        while True:
-            batch = next(real, None)
-            if not _any_worker(batch is not None, device):
-                break
-            if batch is None:
-                batch = stream.pad()
+        for batch in lockstep(real, stream, device):
             labels = torch.from_numpy(batch["label"]).to(device)
             with torch.no_grad():
                 image_features = visual(torch.from_numpy(batch["image"]).to(device)).float()

@@ -103,6 +103,16 @@ def _any_worker(has_batch: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def lockstep(real, stream: PKStream, device: torch.device):
+    """This worker's batches until every worker's stream has run out; a worker whose stream
+    ended first pads with ``stream.pad()``, so all take the same number of steps."""
+    while True:
+        batch = next(real, None)
+        if not _any_worker(batch is not None, device):
+            return
+        yield batch if batch is not None else stream.pad()
+
+
 def _sum_over_workers(value: int, device: torch.device) -> int:
     t = torch.tensor([value], device=device, dtype=torch.int64)
     if dist.is_available() and dist.is_initialized():
@@ -266,12 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if next(real, None) is None:
                 stream.pad()
         epoch_loss, epoch_steps, images, t0 = 0.0, 0, 0, time.time()
-        while True:
-            batch = next(real, None)
-            if not _any_worker(batch is not None, device):
-                break
-            if batch is None:
-                batch = stream.pad()
+        for batch in lockstep(real, stream, device):
             images_t = torch.from_numpy(batch["image"]).to(device=device, dtype=dtype)
             labels = torch.from_numpy(batch["label"]).to(device)
             loss, terms = compute_loss(engine, images_t, labels, cfg, text_features)
