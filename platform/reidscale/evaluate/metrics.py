@@ -53,8 +53,9 @@ def distance_block(q: np.ndarray, g: np.ndarray, metric: str, q_sq=None, g_sq=No
     Rounding decides ties, so a reference must use these float32 formulas to agree on them.
     """
     # numpy sends a single row to gemv, which rounds differently from gemm; a second row keeps
-    # every chunk on gemm, whose rows do not depend on the chunk (BLAS does not promise this,
-    # but OpenBLAS gives bitwise equal rows; it only matters within a rounding error anyway).
+    # every chunk on gemm. OpenBLAS gemm then gives each row bitwise the same values whatever
+    # the chunk, except below ~1e6 multiply-adds where it switches to small-matrix kernels.
+    # BLAS promises nothing here; a difference of one ulp only reorders near-equal distances.
     d = q @ g.T if len(q) > 1 else (np.concatenate([q, q]) @ g.T)[:1]
     if metric == "cosine":
         np.subtract(np.float32(1), d, out=d)
@@ -107,44 +108,61 @@ def distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric: str,
         yield Chunk(lo, distance_block(q[lo : lo + step], g, metric, q_sq_chunk, g_sq), rows, cols, junk)
 
 
-def _order_key(rows: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """int64 keys that sort like (row, distance) for float32 distances.
+def _count_before(match_d, match_key, match_rank, d, cols, n_gallery):
+    """For entries (d, cols) of one row: how many of the row's true matches rank before each.
 
-    The float bits are mapped to int32 in an order-preserving way (negative floats get their
-    magnitude bits flipped), so one integer sort replaces a two-key lexsort.
+    match_d: the matches' distances, sorted by (distance, gallery index); match_key and
+    match_rank: see ``rank_true_matches``. A match comes first if closer, or equally close
+    with a smaller gallery index (stable argsort's tie rule).
     """
-    bits = (d + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into +0.0; they compare equal
-    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
-    return (rows.astype(np.int64) << 32) + (ordered.astype(np.int64) + (1 << 31))
+    before = np.searchsorted(match_d, d, side="left")  # strictly closer matches
+    tied = np.flatnonzero(np.take(match_d, before, mode="clip") == d)
+    if len(tied):  # equal distance to a match: count the tied matches with a smaller index
+        before[tied] = np.searchsorted(match_key, match_rank[before[tied]] * (n_gallery + 1) + cols[tied])
+    return before
 
 
-def rank_true_matches(chunk: Chunk, q_ids: np.ndarray, g_ids: np.ndarray):
+def rank_true_matches(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     """(rows, ranks) of every true match in a chunk, grouped by row, ranks ascending in a row.
 
     rank = 0-based position in the row's stable ascending sort, junk removed: the number of
     non-junk entries with a smaller distance, or an equal one and a smaller gallery index.
-    Only entries no farther than the row's last true match can come before a true match, so
-    only those are sorted; the rest of the row is one vectorised comparison.
+    No row is sorted: entries farther than the row's last true match cannot come before a
+    match (one vectorised comparison drops them); each remaining one is placed among the
+    row's few sorted matches by binary search, and counts per gap give the ranks.
     """
-    dist, keep = chunk.dist, ~chunk.junk
-    match_rows, match_d = chunk.rows[keep], dist[chunk.rows[keep], chunk.cols[keep]]
-    if np.isnan(match_d).any():
+    dist = chunk.dist
+    n_rows, n_gallery = dist.shape
+    keep = ~chunk.junk
+    rows, cols = chunk.rows[keep], chunk.cols[keep]
+    d = dist[rows, cols]
+    if np.isnan(d).any():
         raise ValueError("features give NaN distances; check them for NaN/inf")
-    last = np.full(len(dist), -np.inf, np.float32)  # farthest true match per row
-    np.maximum.at(last, match_rows, match_d)
+    order = np.lexsort((cols, d, rows))  # matches in rank order inside each row
+    rows, cols, d = rows[order], cols[order], d[order]
+    # an integer key ordered like (distance, gallery index) inside a row, to break exact ties
+    rank_of_d = np.cumsum(np.r_[True, d[1:] != d[:-1]])  # grows with d inside each row
+    key = rank_of_d * (n_gallery + 1) + cols
+    start = np.searchsorted(rows, np.arange(n_rows + 1))  # row r's matches: start[r]:start[r+1]
+    has_match = start[1:] > start[:-1]
+    last = np.full(n_rows, -np.inf, np.float32)
+    last[has_match] = d[start[1:][has_match] - 1]
 
-    candidate = dist <= last[:, None]
+    candidate = dist <= last[:, None]  # may come before a match (NaN never does, as in argsort)
     candidate[chunk.rows[chunk.junk], chunk.cols[chunk.junk]] = False  # junk takes no rank
-    # flat indices are row-major, so gallery index order inside a row; np.nonzero on the 2-D
-    # mask gives the same but is ~10x slower than flatnonzero + divmod
-    c_rows, c_cols = np.divmod(np.flatnonzero(candidate), dist.shape[1])
+    flat = np.flatnonzero(candidate)  # row-major: one slice per row, matches included
     del candidate
-    order = np.argsort(_order_key(c_rows, dist[c_rows, c_cols]), kind="stable")
-    c_rows, c_cols = c_rows[order], c_cols[order]
-    row_start = np.searchsorted(c_rows, np.arange(len(dist)))
-    q_ids = q_ids[chunk.start : chunk.start + len(dist)]
-    at = np.flatnonzero(g_ids[c_cols] == q_ids[c_rows])  # junk is gone: same id = true match
-    return c_rows[at], at - row_start[c_rows[at]]
+    c_start = np.searchsorted(flat, np.arange(n_rows + 1) * n_gallery)
+    c_d = dist.ravel()[flat]
+
+    ranks = np.empty(len(rows), np.int64)
+    for r in np.flatnonzero(has_match):
+        m, c = slice(start[r], start[r + 1]), slice(c_start[r], c_start[r + 1])
+        n = start[r + 1] - start[r]
+        before = _count_before(d[m], key[m], rank_of_d[m], c_d[c], flat[c] - r * n_gallery, n_gallery)
+        # candidates ranked up to and including each match, less the match itself
+        ranks[m] = np.cumsum(np.bincount(before, minlength=n)[:n]) - 1
+    return rows, ranks
 
 
 def evaluate_reid(
@@ -169,6 +187,17 @@ def evaluate_reid(
             features are L2-normalised here). Exact float32 formulas: ``distance_block``.
         max_rank: length of the returned CMC curve.
         chunk_size: query rows per chunk; default keeps a chunk's distances within 256 MB.
+
+    Exactness: the result equals a dense evaluation (full distance matrix, stable argsort per
+    row) that uses the same float32 distances, ties included. Distances are computed per chunk
+    of queries; BLAS can round a dot product differently for another matrix shape (a last-bit
+    difference, e.g. in OpenBLAS's small-matrix kernels), which can swap only entries whose
+    distances agree to float32 precision, such as near-duplicate images.
+
+    Cost: the Q×G×D matmul, plus a binary search among a query's true matches for every gallery
+    entry no farther than its last true match (few for a good model, most of G for a useless
+    one). Peak memory: the features (twice for cosine) plus ~1.3x one chunk's distances, up to
+    ~4x when nearly every entry comes before the last true match.
 
     Protocol, per query (torchreid ``eval_market1501``):
         1. Gallery entries with the query's identity AND camera are removed (same-view shots).
@@ -201,7 +230,7 @@ def evaluate_reid(
 
     first_rank, ap, inp = [], [], []
     for chunk in distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric, chunk_size):
-        rows, ranks = rank_true_matches(chunk, q_ids, g_ids)
+        rows, ranks = rank_true_matches(chunk)
         del chunk  # frees the distances before the next chunk is computed
         if len(rows) == 0:
             continue

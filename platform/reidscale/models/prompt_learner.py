@@ -7,14 +7,14 @@ then fine-tunes the image encoder against the frozen identity text features (sta
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import math
 
 import torch
 from torch import nn
 
 from reidscale.config import ConfigError
 from reidscale.models.backbone import ModelConfig
+from reidscale.models.weights import load_state, read_state_dict
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_CONTEXT_LENGTH = 77
@@ -22,24 +22,55 @@ CLIP_CONTEXT_LENGTH = 77
 
 def build_clip(cfg: ModelConfig, image_size: tuple[int, int], *, text_width: int = 64, text_layers: int = 1,
                text_heads: int = 2) -> nn.Module:
-    """An open_clip CLIP (image + text towers): a named model, or a tiny random one for tests/CPU."""
+    """An open_clip CLIP (image + text towers): a named model, or a tiny random one for tests/CPU.
+
+    Pretrained weights (an open_clip tag or a local file) load as for ``build_backbone``:
+    resolved first (fails fast offline), QuickGELU when the tag was trained with it, the image
+    position table interpolated to ``image_size``. ``wrap_tower(clip.visual, cfg, image_size)``
+    (``open_clip_tower``) gives the ReID image tower (OLP, SIE, feature choice) sharing its weights.
+    """
     import open_clip
 
+    from reidscale.models.open_clip_tower import quick_gelu, resolve_pretrained
+
+    path = resolve_pretrained(cfg.open_clip_model, cfg.pretrained) if cfg.pretrained else None
     if cfg.open_clip_model:
-        pretrained = cfg.pretrained or None
-        if pretrained and not Path(pretrained).is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ConfigError(f"model.pretrained: {cfg.open_clip_model}/{pretrained} must be downloaded but "
-                              "HF_HUB_OFFLINE=1; pass a local checkpoint file instead")
-        return open_clip.create_model(cfg.open_clip_model, pretrained=pretrained, force_image_size=image_size,
-                                      weights_only=True)
-    h, w = image_size
-    return open_clip.CLIP(
-        embed_dim=cfg.embed_dim,
-        vision_cfg={"image_size": (h, w), "patch_size": cfg.patch_size, "width": cfg.width, "layers": cfg.layers,
-                    "head_width": cfg.width // cfg.heads, "mlp_ratio": cfg.mlp_ratio},
-        text_cfg={"context_length": CLIP_CONTEXT_LENGTH, "vocab_size": CLIP_VOCAB_SIZE, "width": text_width,
-                  "heads": text_heads, "layers": text_layers},
-    )
+        model_cfg = open_clip.get_model_config(cfg.open_clip_model)
+        if model_cfg is None:
+            raise ConfigError(f"model.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
+        vit = not isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple))
+        clip = open_clip.create_model(cfg.open_clip_model, pretrained=None, load_weights=False,
+                                      force_image_size=image_size if vit else None,
+                                      force_quick_gelu=quick_gelu(cfg.open_clip_model, cfg.pretrained))
+    else:
+        h, w = image_size
+        clip = open_clip.CLIP(
+            embed_dim=cfg.embed_dim,
+            vision_cfg={"image_size": (h, w), "patch_size": cfg.patch_size, "width": cfg.width, "layers": cfg.layers,
+                        "head_width": cfg.width // cfg.heads, "mlp_ratio": cfg.mlp_ratio},
+            text_cfg={"context_length": CLIP_CONTEXT_LENGTH, "vocab_size": CLIP_VOCAB_SIZE, "width": text_width,
+                      "heads": text_heads, "layers": text_layers},
+        )
+    if path is not None:
+        load_clip_weights(clip, read_state_dict(path), source=str(path), mode=cfg.pos_interpolation)
+    return clip
+
+
+def load_clip_weights(clip: nn.Module, state: dict[str, torch.Tensor], *, source: str, mode: str = "bicubic") -> None:
+    """A full CLIP state dict into ``clip``, the image position table resized to its grid."""
+    from reidscale.models.open_clip_tower import interpolate_pos_embed
+
+    state, params = dict(state), dict(clip.named_parameters())
+    for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
+        if key in state and key in params:
+            if key == "visual.positional_embedding":
+                grid = tuple(clip.visual.grid_size)
+            else:  # a CLIP ResNet's own attention pool is square
+                side = math.isqrt(params[key].shape[0] - 1)
+                grid = (side, side)
+            state[key] = interpolate_pos_embed(state[key], grid, mode=mode)
+    # OpenAI's state dicts carry three non-tensor hyper-parameters as 0-d tensors
+    load_state(clip, state, source=source, may_ignore=("input_resolution", "context_length", "vocab_size"))
 
 
 class TextTower(nn.Module):

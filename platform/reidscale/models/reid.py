@@ -4,6 +4,9 @@ BNNeck (Luo et al., "Bag of Tricks", 2019): the triplet loss sees the backbone f
 the ID classifier sees its batch-normalised version, and the normalised feature is the
 embedding used at test time. The classifier exists only for training and is never
 exported.
+
+Camera/view ids (for backbones with SIE) travel as optional keyword tensors,
+``model(images, cameras=..., views=...)``; without them no side information is added.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from reidscale.data.transforms import TransformConfig
 from reidscale.models.backbone import ModelConfig, build_backbone
+from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
 
 EXPORT_FORMAT = "reidscale-embedding-v1"
 
@@ -46,7 +50,7 @@ class BNNeck(nn.Module):
 
 
 class EmbeddingModel(nn.Module):
-    """Images N×3×H×W → L2-normalised embeddings N×D (float32)."""
+    """Images N×3×H×W (+ optional camera/view ids, N ints) → L2-normalised embeddings N×D (float32)."""
 
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
@@ -54,29 +58,51 @@ class EmbeddingModel(nn.Module):
         self.neck = BNNeck(dim)
         self.dim = dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.neck(self.backbone(images)).float(), dim=1)
+    def features(self, images: torch.Tensor, cameras: torch.Tensor | None = None,
+                 views: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone feature (before the BNNeck)."""
+        if cameras is None and views is None:
+            return self.backbone(images)  # also any plain module, e.g. a bare open_clip tower
+        return self.backbone(images, cameras=cameras, views=views)
+
+    def forward(self, images: torch.Tensor, cameras: torch.Tensor | None = None,
+                views: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.neck(self.features(images, cameras, views)).float(), dim=1)
 
 
 class ReIDModel(nn.Module):
-    """Training model: backbone + BNNeck + ID classifier."""
+    """Training model: backbone + BNNeck + ID classifier (linear unless one is given)."""
 
-    def __init__(self, backbone: nn.Module, dim: int, num_classes: int):
+    def __init__(self, backbone: nn.Module, dim: int, num_classes: int, classifier: nn.Module | None = None):
         super().__init__()
         self.embedding = EmbeddingModel(backbone, dim)
-        self.classifier = nn.Linear(dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, std=0.001)
+        self.classifier = classifier if classifier is not None else LinearClassifier(dim, num_classes)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(backbone feature for metric losses, logits for the ID loss)."""
-        feat = self.embedding.backbone(images)
-        logits = self.classifier(self.embedding.neck(feat))
-        return feat, logits
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, cameras: torch.Tensor | None = None,
+                views: torch.Tensor | None = None):
+        """``(feat, logits)``: the backbone feature for metric losses and ID logits over every
+        class (targets: the labels). With ``labels`` given, ``(feat, logits, targets)``: a
+        Partial FC classifier then scores only its sampled centres and ``targets`` are the
+        columns to use in the ID loss (for the linear classifier they are the labels)."""
+        feat = self.embedding.features(images, cameras, views)
+        neck = self.embedding.neck(feat)
+        if labels is None:
+            return feat, self.classifier(neck)
+        logits = self.classifier(neck, labels)
+        targets = sampled_targets(labels) if isinstance(self.classifier, PartialFC) else labels
+        return feat, logits, targets
+
+
+def build_classifier(model_cfg: ModelConfig, dim: int, num_classes: int, *, rank: int = 0, world: int = 1) -> nn.Module:
+    if model_cfg.classifier == "partial_fc":
+        return PartialFC(dim, num_classes, sample_rate=model_cfg.sample_rate, scale=model_cfg.cosine_scale,
+                         margin=model_cfg.cosine_margin, rank=rank, world=world)
+    return LinearClassifier(dim, num_classes)
 
 
 def build_reid_model(model_cfg: ModelConfig, transform_cfg: TransformConfig, num_classes: int) -> ReIDModel:
     backbone, dim = build_backbone(model_cfg, (transform_cfg.height, transform_cfg.width))
-    return ReIDModel(backbone, dim, num_classes)
+    return ReIDModel(backbone, dim, num_classes, build_classifier(model_cfg, dim, num_classes))
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -115,6 +141,9 @@ def export_embedding_model(
         "weights_sha256": state_hash(state),
         **(extra or {}),
     }
+    if hasattr(model.backbone, "export_config"):
+        # architecture the config alone does not name (hf_clip's CLIPVisionConfig)
+        config["backbone_config"] = model.backbone.export_config()
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -139,8 +168,8 @@ def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:
     tcfg = config["transform"]
     transform_cfg = TransformConfig(**{**tcfg, "mean": tuple(tcfg["mean"]), "std": tuple(tcfg["std"])})
     # the export carries the weights, so never fetch pretrained ones while rebuilding
-    model_cfg.pretrained = ""
-    backbone, dim = build_backbone(model_cfg, (transform_cfg.height, transform_cfg.width))
+    backbone, dim = build_backbone(model_cfg, (transform_cfg.height, transform_cfg.width), load_weights=False,
+                                   arch=config.get("backbone_config"))
     model = EmbeddingModel(backbone, dim)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     model.eval()

@@ -1,0 +1,91 @@
+"""Shared bench plumbing: run a function in its own process to get its peak memory, print a
+table, write bench/results/<name>.json with the machine it ran on."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _measured(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, int]:
+    result = fn(*args, **kwargs)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_isolated(fn: Callable, *args, **kwargs) -> tuple[Any, int]:
+    """``fn(*args, **kwargs)`` in a fresh spawned process: (its result, that process's peak RSS in bytes).
+
+    A new interpreter per call keeps peaks independent (a forked child would start with the
+    parent's pages, and RUSAGE_CHILDREN is a max over all children). ``fn`` must be importable
+    (module level) and its arguments and result picklable; the peak includes the interpreter
+    and imports (~50-100 MB), so build big inputs inside ``fn``.
+    """
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measured, (fn, args, kwargs))
+
+
+def machine_info() -> dict:
+    """What a reader needs to compare figures: CPUs, RAM, load when measured, versions."""
+    import numpy as np
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows of dicts as an aligned plain-text table (also valid Markdown)."""
+    columns = columns or list(rows[0])
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    print(line(columns))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print(line(row))
+
+
+def write_results(name: str, payload: dict) -> Path:
+    """bench/results/<name>.json with the payload, the command line and the machine."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    doc = {
+        "bench": name,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        **payload,
+    }
+    tmp = path.with_suffix(".json.tmp")  # .gitignore'd; a reader never sees half a file
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
