@@ -88,3 +88,45 @@ def test_verify_refuses_a_wrong_schema(dataset, tmp_path):
 def test_a_directory_without_manifest_is_refused(tmp_path):
     with pytest.raises(ShardError, match="never written"):
         read_manifest(tmp_path)
+
+
+def _records(n_ids, per_id=3, split="train"):
+    for identity in range(n_ids):
+        for j in range(per_id):
+            yield {"image": b"x", "identity": identity, "label": identity if split == "train" else -1,
+                   "camera": j % 2, "split": split, "path": f"{identity}/{j}.jpg", "width": 1, "height": 1}
+
+
+def test_extra_can_be_computed_after_the_last_record(tmp_path):
+    seen = []
+
+    def stream():
+        for rec in _records(5):
+            seen.append(rec["path"])
+            yield rec
+
+    manifest = write_dataset(stream(), tmp_path, source="test", extra=lambda: {"records_seen": len(seen)})
+    assert manifest["records_seen"] == 15 == read_manifest(tmp_path)["records_seen"]
+
+
+def test_an_identity_seen_twice_in_a_split_counts_once(tmp_path):
+    records = list(_records(3)) + list(_records(2))  # identities 0, 1 come back after 2
+    manifest = write_dataset(iter(records), tmp_path, source="test", rows_per_group=4)
+    assert manifest["splits"]["train"]["identities"] == 3
+    assert manifest["splits"]["train"]["images"] == 15
+
+
+def test_a_failing_record_stream_leaves_no_manifest_and_remove_shards_cleans_up(tmp_path):
+    from reidscale.data.shards import remove_shards
+
+    def broken():
+        yield from _records(40)
+        raise RuntimeError("source died")
+
+    (tmp_path / "notes.parquet").write_bytes(b"keep me")
+    with pytest.raises(RuntimeError):
+        write_dataset(broken(), tmp_path, source="test", rows_per_group=8, groups_per_shard=2)
+    assert not (tmp_path / "manifest.json").exists()
+    assert any(p.name.startswith("train-") for p in tmp_path.iterdir())
+    removed = remove_shards(tmp_path)
+    assert removed and sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet"]

@@ -45,3 +45,17 @@ def test_train_augmentation_changes_pixels_but_not_shape():
     aug = decode_batch(batch, cfg, train=True, seed=1)["image"]
     assert aug.shape == plain.shape
     assert not np.allclose(aug, plain)
+
+
+def test_fast_batch_path_equals_the_plain_composition_with_the_same_draws():
+    from reidscale.data.transforms import augment, to_tensor_layout
+
+    cfg = TransformConfig(height=32, width=16, pad=3, flip_prob=0.5, random_erasing_prob=0.7)
+    images = [_jpeg(h=48, w=24, seed=s) for s in range(12)]
+    batch = {"image": np.array(images[:5] + [b"broken"] + images[5:], dtype=object)}
+    out = decode_batch(batch, cfg, train=True, seed=11)
+    rng = np.random.default_rng(11)
+    expected = [to_tensor_layout(augment(decode(d, 32, 16).astype(np.float32) / 255.0, cfg, rng), cfg)
+                for d in images]
+    np.testing.assert_array_equal(np.delete(out["image"], 5, axis=0), np.stack(expected))
+    assert out["decode_ok"].tolist() == [True] * 5 + [False] + [True] * 7

@@ -2,12 +2,22 @@
 
 Each actor loads the exported embedding model once (on a GPU when the actor has one)
 and embeds batches; the driver collects the stream into embedding shards (Parquet:
-row_id, identity, camera, path, embedding) with a progress bar. Rows whose image does
-not decode are counted and left out.
+row_id, identity, camera, path, embedding) with a progress bar, and reports throughput
+per actor (images over the seconds that actor spent in the model). Rows whose image does
+not decode are counted and left out. ``embeddings.json``, written last, marks a finished
+split so a re-run can skip it.
+
+``embed_images`` / ``embed_split_in_process`` do the same in the calling process, without
+Ray, for a handful of query images or a small query split.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,8 @@ import pyarrow.parquet as pq
 
 from reidscale.config import ConfigError
 from reidscale.data import shards
+
+EMBEDDINGS_MANIFEST = "embeddings.json"
 
 
 @dataclass
@@ -49,16 +61,36 @@ class Embedder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, _ = load_embedding_model(model_dir)
         self.model.to(self.device)
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        t0 = time.perf_counter()
         with torch.inference_mode():
             images = torch.from_numpy(batch["image"]).to(self.device)
             emb = self.model(images).cpu().numpy().astype(np.float32)
+        seconds = time.perf_counter() - t0
         out = {k: v for k, v in batch.items() if k not in ("image",)}
         out["embedding"] = emb
+        # per-row share of this batch's model time, so the driver can sum busy time per actor
+        out["actor"] = np.full(len(emb), self.actor)
+        out["model_s"] = np.full(len(emb), seconds / max(len(emb), 1))
         return out
+
+
+def actor_cpus(cfg: EmbedConfig, cluster_cpus: float, use_gpu: bool) -> float:
+    """CPUs to reserve per CPU actor, leaving one CPU for the Parquet read tasks.
+
+    A pool that reserves every CPU starves Ray Data's read tasks and the job never
+    starts (2 actors × 1 CPU on a 2-core machine hangs); GPU actors are not capped.
+    """
+    if use_gpu or cfg.num_actors * cfg.cpus_per_actor <= cluster_cpus - 1:
+        return cfg.cpus_per_actor
+    capped = max(0.25, (cluster_cpus - 1) / cfg.num_actors)
+    print(f"embed: {cfg.num_actors} actors × {cfg.cpus_per_actor} CPU would leave no CPU of {cluster_cpus:g} for "
+          f"reading; reserving {capped:.2f} CPU per actor", flush=True)
+    return capped
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -75,7 +107,12 @@ def embedding_schema(dim: int) -> pa.Schema:
 
 def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir: str | Path,
                 cfg: EmbedConfig) -> dict:
-    """Embed one split into ``out_dir/embeddings-*.parquet``; return counts and throughput."""
+    """Embed one split into ``out_dir/embeddings-*.parquet``; return counts and throughput.
+
+    The result (also written to ``out_dir/embeddings.json``, last) has ``files``,
+    ``images_per_s`` over the wall time, and ``per_actor``: images and images/s of model
+    time for each actor of the pool.
+    """
     import ray
     import ray.data
     from tqdm import tqdm
@@ -90,6 +127,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     total = shards.read_manifest(data_dir)["splits"][split]["images"]
     init_ray()
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     # the tqdm bar below reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = decoded(read_split(data_dir, split), model_config["transform_config"], train=False, batch_size=cfg.batch_size)
@@ -99,11 +137,15 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=1 if use_gpu else 0,
-        num_cpus=cfg.cpus_per_actor,
+        num_cpus=cpus_per_actor,
         batch_format="numpy",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+    for stale in out_dir.glob("embeddings-*.parquet"):  # a previous run's shards, maybe more of them
+        stale.unlink()
     schema = embedding_schema(dim)
+    per_actor: dict[str, list[float]] = {}
     written, failed, files = 0, 0, []
     pending: list[pa.Table] = []
     pending_rows = 0
@@ -124,6 +166,11 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok = batch["decode_ok"]
             failed += int((~ok).sum())
+            for actor in np.unique(batch["actor"]):
+                mine = batch["actor"] == actor
+                stats = per_actor.setdefault(str(actor), [0, 0.0])
+                stats[0] += int((mine & ok).sum())
+                stats[1] += float(batch["model_s"][mine].sum())
             emb = batch["embedding"][ok]
             table = pa.table(
                 {
@@ -143,17 +190,111 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
                 flush()
         flush()
     wall = time.time() - t0
-    return {
+    actors = [{"actor": a, "images": int(n), "model_s": round(sec, 3), "images_per_s": n / max(sec, 1e-9)}
+              for a, (n, sec) in sorted(per_actor.items())]
+    for a in actors:
+        print(f"embed {split}: actor {a['actor']}: {a['images']} images, {a['images_per_s']:.1f} img/s in the model",
+              flush=True)
+    stats = {
         "split": split,
         "embedded": written,
         "decode_errors": failed,
         "dim": dim,
         "files": files,
+        "file_sha256": {f: shards.sha256_file(out_dir / f) for f in files},
         "wall_time_s": wall,
         "images_per_s": written / max(wall, 1e-9),
-        "images_per_s_per_actor": written / max(wall, 1e-9) / cfg.num_actors,
+        "images_per_s_per_actor": written / max(wall, 1e-9) / max(len(actors), 1),
+        "per_actor": actors,
         "model_sha256": model_config["weights_sha256"],
+        "data_sha256": split_fingerprint(data_dir, split),
     }
+    shards.atomic_write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
+    return stats
+
+
+def split_fingerprint(data_dir: str | Path, split: str) -> str:
+    """sha256 over the split's shard checksums in the dataset manifest: changes when the data does."""
+    entries = shards.read_manifest(data_dir)["splits"][split]["shards"]
+    return hashlib.sha256(json.dumps([[e["file"], e["sha256"]] for e in entries]).encode()).hexdigest()
+
+
+def finished_embeddings(out_dir: str | Path, model_sha256: str, data_dir: str | Path, split: str) -> dict | None:
+    """The stats of a finished ``embed_split`` of the same model and data in ``out_dir``, else None."""
+    path = Path(out_dir) / EMBEDDINGS_MANIFEST
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    if stats.get("model_sha256") != model_sha256 or stats.get("data_sha256") != split_fingerprint(data_dir, split):
+        return None
+    for name, sha in stats.get("file_sha256", {}).items():
+        if not (Path(out_dir) / name).is_file() or shards.sha256_file(Path(out_dir) / name) != sha:
+            return None
+    return stats
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(model_dir: str, weights_sha256: str):
+    from reidscale.models.reid import load_embedding_model
+
+    return load_embedding_model(model_dir)
+
+
+def load_model(model_dir: str | Path):
+    """(model, config) of an export, loaded once per process (keyed by path and weights hash)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return _cached_model(str(Path(model_dir).resolve()), config.get("weights_sha256", ""))
+
+
+def embed_images(model_dir: str | Path, images, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Embed images in this process: (N×D float32 L2-normalised, ok N bool).
+
+    ``images`` are file paths or encoded bytes. Rows that do not decode (or whose file
+    cannot be read) get a zero vector and ``ok`` False.
+    """
+    import torch
+
+    from reidscale.data.transforms import decode_batch
+
+    model, config = load_model(model_dir)
+    raw = []
+    for item in images:
+        if isinstance(item, (bytes, bytearray)):
+            raw.append(bytes(item))
+        else:
+            try:
+                raw.append(Path(item).read_bytes())
+            except OSError:
+                raw.append(b"")
+    vectors = np.zeros((len(raw), int(config["dim"])), np.float32)
+    ok = np.zeros(len(raw), bool)
+    for lo in range(0, len(raw), batch_size):
+        batch = decode_batch({"image": np.array(raw[lo : lo + batch_size], dtype=object)},
+                             config["transform_config"], train=False)
+        with torch.inference_mode():
+            vectors[lo : lo + len(batch["image"])] = model(torch.from_numpy(batch["image"])).float().numpy()
+        ok[lo : lo + len(batch["image"])] = batch["decode_ok"]
+    vectors[~ok] = 0.0
+    return vectors, ok
+
+
+def embed_split_in_process(model_dir: str | Path, data_dir: str | Path, split: str,
+                           batch_size: int = 128) -> tuple[np.ndarray, pa.Table]:
+    """(N×D vectors, metadata row_id/identity/camera/path) of one split, embedded without Ray.
+
+    For small splits (a query set); rows that do not decode are left out.
+    """
+    vectors, tables = [], []
+    for path in shards.verify_split(data_dir, split):
+        for group in pq.ParquetFile(path).iter_batches(batch_size=1024,
+                                                       columns=["image", "row_id", "identity", "camera", "path"]):
+            table = pa.Table.from_batches([group])
+            emb, ok = embed_images(model_dir, table.column("image").to_pylist(), batch_size)
+            vectors.append(emb[ok])
+            tables.append(table.drop(["image"]).filter(pa.array(ok)))
+    if not tables:
+        raise FileNotFoundError(f"{data_dir}: split {split!r} has no rows")
+    return np.concatenate(vectors), pa.concat_tables(tables)
 
 
 def read_embeddings(out_dir: str | Path, files: list[str] | None = None) -> tuple[np.ndarray, pa.Table]:

@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -75,14 +78,16 @@ def atomic_write_json(path: str | Path, obj: dict) -> None:
 @dataclass
 class SplitStats:
     images: int = 0
-    identities: set = field(default_factory=set)
+    # one int64 per identity group written (8 bytes, not a Python int in a set: a million
+    # identities stay a few MB); distinct ones are counted at the end
+    identity_groups: array = field(default_factory=lambda: array("q"))
     cameras: set = field(default_factory=set)
     shards: list = field(default_factory=list)
 
     def as_manifest(self) -> dict:
         return {
             "images": self.images,
-            "identities": len(self.identities),
+            "identities": int(len(np.unique(np.frombuffer(self.identity_groups, dtype=np.int64)))),
             "cameras": len(self.cameras),
             "shards": self.shards,
         }
@@ -114,6 +119,7 @@ class _ShardWriter:
         self._final: Path | None = None
 
     def add_identity(self, rows: list[dict]) -> None:
+        self.stats.identity_groups.append(int(rows[0]["identity"]))
         if self._pending and len(self._pending) + len(rows) > self.rows_per_group:
             self._flush_group()
         self._pending.extend(rows)
@@ -128,12 +134,13 @@ class _ShardWriter:
             self._final = self.root / f"{self.split}-{index:05d}.parquet"
             self._tmp = self._final.with_name(f".{self._final.name}.tmp")
             self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
-        for rec in self._pending:
-            rec["row_id"] = self.stats.images
-            self.stats.images += 1
-            self.stats.identities.add(rec["identity"])
-            self.stats.cameras.add(rec["camera"])
-        table = pa.Table.from_pylist(self._pending, schema=SCHEMA)
+        first = self.stats.images
+        for i, rec in enumerate(self._pending):
+            rec["row_id"] = first + i
+        self.stats.images += len(self._pending)
+        columns = {f.name: [rec[f.name] for rec in self._pending] for f in SCHEMA}
+        self.stats.cameras.update(columns["camera"])
+        table = pa.Table.from_pydict(columns, schema=SCHEMA)
         # one write_table call per group keeps an identity inside one row group
         self._writer.write_table(table, row_group_size=max(len(self._pending), 1))
         self._shard_rows += len(self._pending)
@@ -165,12 +172,15 @@ def write_dataset(
     source: str,
     rows_per_group: int = 512,
     groups_per_shard: int = 16,
-    extra: dict | None = None,
+    extra: dict | Callable[[], dict] | None = None,
 ) -> dict:
     """Write records (grouped by identity) into per-split shards and the manifest.
 
+    Records are dicts with the SCHEMA columns but ``row_id`` (numbered here). ``extra``
+    adds top-level manifest keys; a callable is called after the last record, so it can
+    report what the record stream learnt on the way (e.g. skipped images).
     Returns the manifest. The manifest is written last: a directory without one is an
-    unfinished write and readers refuse it.
+    unfinished write and readers refuse it; an exception from ``records`` leaves none.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -190,13 +200,27 @@ def write_dataset(
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "splits": {split: w.close().as_manifest() for split, w in writers.items()},
-        **(extra or {}),
+        **((extra() if callable(extra) else extra) or {}),
     }
     train = manifest["splits"].get("train")
     if train:
         manifest["num_classes"] = train["identities"]
     atomic_write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def remove_shards(root: str | Path) -> list[Path]:
+    """Delete this module's shard files (and unfinished temporaries) under ``root``; return them.
+
+    For a write that failed: without a manifest the directory is unusable anyway. Only
+    names the writer makes (``<split>-NNNNN.parquet`` and their ``.tmp``) are touched.
+    """
+    root = Path(root)
+    names = re.compile(rf"^\.?({'|'.join(SPLITS)})-\d{{5}}\.parquet(\.tmp)?$")
+    removed = [p for p in root.iterdir() if names.match(p.name)] if root.is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def read_manifest(root: str | Path) -> dict:

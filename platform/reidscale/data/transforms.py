@@ -56,16 +56,17 @@ def decode(data: bytes, height: int, width: int) -> np.ndarray | None:
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None
-            img = img.convert("RGB")
-            img = img.resize((width, height), Image.BILINEAR)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
     except Exception:  # PIL raises many types for bad data; all mean "not an image"
         return None
 
 
-def _random_erase(img: np.ndarray, rng: np.random.Generator, mean: np.ndarray) -> None:
-    """Zhong et al. 2020 random erasing, in place, on an HxWx3 float image in [0, 1]."""
-    h, w = img.shape[:2]
+def _erase_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """Zhong et al. 2020 random erasing: (y, x, height, width) of the box, or None after 10 misses."""
     area = h * w
     for _ in range(10):
         target = area * rng.uniform(0.02, 0.4)
@@ -73,20 +74,36 @@ def _random_erase(img: np.ndarray, rng: np.random.Generator, mean: np.ndarray) -
         eh, ew = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
         if 0 < eh < h and 0 < ew < w:
             y, x = rng.integers(0, h - eh), rng.integers(0, w - ew)
-            img[y : y + eh, x : x + ew] = mean
-            return
+            return int(y), int(x), eh, ew
+    return None
+
+
+def _random_erase(img: np.ndarray, rng: np.random.Generator, mean: np.ndarray) -> None:
+    """Random erasing, in place, on an HxWx3 float image in [0, 1]: the box takes ``mean``."""
+    box = _erase_box(img.shape[0], img.shape[1], rng)
+    if box is not None:
+        y, x, eh, ew = box
+        img[y : y + eh, x : x + ew] = mean
+
+
+def _flip_shift(img: np.ndarray, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:
+    """Flip, then zero-pad by ``cfg.pad`` and crop back at a random offset (one copy, any dtype)."""
+    if rng.random() < cfg.flip_prob:
+        img = img[:, ::-1]
+    if not cfg.pad:
+        return img
+    h, w = img.shape[:2]
+    y, x = (int(v) for v in rng.integers(0, 2 * cfg.pad + 1, size=2))
+    dy, dx = y - cfg.pad, x - cfg.pad  # the crop window's offset from the original
+    out = np.zeros_like(img)
+    out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = \
+        img[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+    return out
 
 
 def augment(img: np.ndarray, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:
     """Flip, pad + random crop, random erasing on HxWx3 float in [0, 1]."""
-    if rng.random() < cfg.flip_prob:
-        img = img[:, ::-1]
-    if cfg.pad:
-        h, w = img.shape[:2]
-        padded = np.pad(img, ((cfg.pad, cfg.pad), (cfg.pad, cfg.pad), (0, 0)))
-        y, x = rng.integers(0, 2 * cfg.pad + 1, size=2)
-        img = padded[y : y + h, x : x + w]
-    img = np.ascontiguousarray(img)
+    img = np.ascontiguousarray(_flip_shift(img, cfg, rng))
     if rng.random() < cfg.random_erasing_prob:
         _random_erase(img, rng, np.asarray(cfg.mean, dtype=np.float32))
     return img
@@ -98,26 +115,64 @@ def to_tensor_layout(img: np.ndarray, cfg: TransformConfig) -> np.ndarray:
     return ((img - mean) / std).transpose(2, 0, 1).astype(np.float32, copy=False)
 
 
-def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | None = None) -> dict:
+def _normalise_table(cfg: TransformConfig) -> np.ndarray:
+    """3×256 float32: the normalised value of every uint8 level per channel, computed exactly
+    as ``to_tensor_layout(pixels / 255)`` would, so the table changes speed, not values."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    return np.ascontiguousarray(to_tensor_layout(levels[:, None, :].repeat(3, axis=2), cfg)[:, :, 0])
+
+
+def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | None = None, *,
+                 normalise: bool = True) -> dict:
     """Ray Data batch (numpy dict with an ``image`` bytes column) → float32 N×3×H×W.
 
     Adds ``decode_ok`` (bool); undecodable rows keep a zero image so row order and
     counts stay intact for the consumer, which skips and counts them.
+
+    The result equals decode → /255 → :func:`augment` → :func:`to_tensor_layout`, with
+    the same random draws, but works on uint8 until one table lookup per channel writes
+    the normalised CHW output (about 3× less arithmetic per image): zero padding is level
+    0 either way, and an erased box (filled with ``mean``) normalises to exactly 0.
+
+    ``normalise=False`` stops before the lookup: uint8 N×3×H×W, a quarter of the bytes to
+    move between processes; :func:`normalise_batch` finishes the job where the batch is
+    used. The erased box then holds the uint8 level nearest to ``mean`` (within 0.5/255 of
+    what the float path gives).
     """
     rng = np.random.default_rng(seed)
     raw = batch["image"]
-    out = np.zeros((len(raw), 3, cfg.height, cfg.width), dtype=np.float32)
+    out = np.zeros((len(raw), 3, cfg.height, cfg.width), dtype=np.float32 if normalise else np.uint8)
     ok = np.zeros(len(raw), dtype=bool)
+    table = _normalise_table(cfg)
+    fill = 0.0 if normalise else np.round(np.asarray(cfg.mean) * 255).astype(np.uint8)[:, None, None]
     for i, data in enumerate(raw):
         pixels = decode(bytes(data), cfg.height, cfg.width)
         if pixels is None:
             continue
-        img = pixels.astype(np.float32) / 255.0
+        box = None
         if train:
-            img = augment(img, cfg, rng)
-        out[i] = to_tensor_layout(img, cfg)
+            pixels = _flip_shift(pixels, cfg, rng)
+            if rng.random() < cfg.random_erasing_prob:
+                box = _erase_box(cfg.height, cfg.width, rng)
+        if normalise:
+            for c in range(3):
+                np.take(table[c], pixels[:, :, c], out=out[i, c])
+        else:
+            out[i] = pixels.transpose(2, 0, 1)
+        if box is not None:
+            y, x, eh, ew = box
+            out[i, :, y : y + eh, x : x + ew] = fill
         ok[i] = True
     result = {k: v for k, v in batch.items() if k != "image"}
     result["image"] = out
     result["decode_ok"] = ok
     return result
+
+
+def normalise_batch(images: np.ndarray, cfg: TransformConfig) -> np.ndarray:
+    """uint8 N×3×H×W (``decode_batch(..., normalise=False)``) → normalised float32 N×3×H×W."""
+    table = _normalise_table(cfg)
+    out = np.empty(images.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], images[:, c], out=out[:, c])
+    return out

@@ -1,88 +1,383 @@
-"""``Gallery``: open a built index, search every shard, merge, map ids to identities."""
+"""``Gallery``: open a built index, search every shard, merge, add and remove identities.
+
+A gallery directory (see ``build`` and ``manifest``) changes only by publishing a new
+manifest generation:
+
+* ``add`` writes ``added-<gen>.faiss`` (a copy of the trained, empty index holding the
+  new vectors under new row ids) and ``added-<gen>.parquet`` (their metadata);
+* ``remove`` writes ``removed-<gen>.npy`` (the row ids removed in that generation,
+  tombstones filtered out of every search);
+* then the manifest naming all files of generation ``gen`` replaces the old one.
+
+Published files are never rewritten or deleted, so a reader that opened generation g
+keeps searching g, consistently, until it calls ``refresh()``; a reader that opens the
+directory during a write sees g or g+1 whole, never a mixture.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from reidscale.data.shards import sha256_file
-from reidscale.index.build import INDEX_FORMAT
+from reidscale.index import manifest as store
+from reidscale.index.build import fill_shard, params_string
+from reidscale.index.manifest import GalleryError
 
-
-class GalleryError(ValueError):
-    """An index directory is incomplete, tampered with, or of another format."""
+__all__ = ["Gallery", "GalleryError", "merge_topk"]
 
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard (Q×k_s) results into global top-k; FAISS pads missing hits with id -1."""
     all_scores = np.concatenate(scores, axis=1)
     all_ids = np.concatenate(ids, axis=1)
-    missing = all_ids < 0
     key = -all_scores if larger_is_better else all_scores.copy()
-    key = np.where(missing, np.inf, key)
+    key = np.where(all_ids < 0, np.inf, key)
     order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    out_scores = np.take_along_axis(all_scores, order, 1)
+    out_ids = np.take_along_axis(all_ids, order, 1)
+    pad = -np.inf if larger_is_better else np.inf
+    out_scores[out_ids < 0] = pad
+    return out_scores, out_ids
+
+
+class _Snapshot:
+    """Everything one manifest generation names, loaded; searches use one snapshot throughout."""
+
+    def __init__(self, manifest: dict, shards: list, removed: np.ndarray, meta: pa.Table):
+        self.manifest, self.shards, self.removed = manifest, shards, removed
+        self.generation = int(manifest.get("generation", 0))
+        self.row_ids = meta.column("row_id").to_numpy()
+        self.identity = meta.column("identity").to_numpy()
+        self.camera = meta.column("camera").to_numpy()
+        self.path = meta.column("path")
+
+    def positions(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the metadata, found) for each row id; -1 and unknown ids are not found."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.row_ids, row_ids), 0, max(len(self.row_ids) - 1, 0))
+        found = (row_ids >= 0) & (self.row_ids[pos] == row_ids) if len(self.row_ids) else np.zeros(row_ids.shape, bool)
+        return pos, found
 
 
 class Gallery:
-    def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0):
+    """A sharded FAISS gallery on disk: ``search``, ``add``, ``remove``, ids → identities.
+
+    ``verify`` checks every file's sha256 against the manifest before FAISS reads it.
+    ``search_params`` (e.g. ``{"nprobe": 64}``) override the manifest's search-time
+    settings. ``use_gpu``: "auto" moves shards to all GPUs when FAISS sees any (index
+    types FAISS cannot run on GPU stay on CPU). ``threads``: shards searched at once
+    (default: min(shards, CPUs)).
+    """
+
+    def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0,
+                 search_params: dict | None = None, use_gpu: str = "auto"):
+        self.directory = Path(directory)
+        self.verify = verify
+        self._threads = threads
+        self._search_override = dict(search_params or {})
+        self._use_gpu = use_gpu
+        self._loaded: dict[tuple[str, str], object] = {}  # (file, sha256) → index: files are immutable
+        self._tables: dict[tuple[str, str], pa.Table] = {}
+        self._write_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_workers = 1
+        self._snap = self._open(store.read_manifest(self.directory))
+
+    # ------------------------------------------------------------------ loading
+    def _open(self, manifest: dict) -> _Snapshot:
         import faiss
 
-        self.directory = Path(directory)
-        manifest_path = self.directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise GalleryError(f"{self.directory}: no manifest.json; the index was never completed")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != INDEX_FORMAT:
-            raise GalleryError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
-        self.metric = self.manifest["metric"]
-        self.dim = self.manifest["dim"]
-        self.shards = []
-        for entry in self.manifest["shards"]:
-            path = self.directory / entry["file"]
-            if not path.is_file():
-                raise GalleryError(f"{path}: listed in the manifest but missing")
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise GalleryError(f"{path}: sha256 does not match the manifest; refusing to load it")
-            index = faiss.read_index(str(path))
-            if index.ntotal != entry["ntotal"]:
-                raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
-            self.shards.append(index)
-        meta = self.manifest["metadata"]
-        meta_path = self.directory / meta["file"]
-        if verify and sha256_file(meta_path) != meta["sha256"]:
-            raise GalleryError(f"{meta_path}: sha256 does not match the manifest")
-        table = pq.read_table(meta_path)
-        row_ids = table.column("row_id").to_numpy()
-        order = np.argsort(row_ids)
-        self._row_ids = row_ids[order]
-        self._identity = table.column("identity").to_numpy()[order]
-        self._camera = table.column("camera").to_numpy()[order]
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads or min(len(self.shards), 4)))
+        params = params_string({**manifest.get("search", {}), **self._search_override})
+        shards = []
+        for entry in manifest["shards"]:
+            key = (entry["file"], entry["sha256"])
+            if key not in self._loaded:
+                path = store.verified(self.directory, entry, verify=self.verify)
+                index = faiss.read_index(str(path))
+                if index.ntotal != entry["ntotal"]:
+                    raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
+                if params:
+                    faiss.ParameterSpace().set_index_parameters(index, params)
+                self._loaded[key] = self._to_device(index)
+            shards.append(self._loaded[key])
+        removed = [np.zeros(0, np.int64)]
+        for entry in manifest.get("removed", []):
+            path = store.verified(self.directory, entry, verify=self.verify)
+            removed.append(np.load(path, allow_pickle=False).astype(np.int64))
+        tables = [self._table(manifest["metadata"])]
+        tables += [self._table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
+        meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        meta = meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
+        snap = _Snapshot(manifest, shards, np.sort(np.concatenate(removed)), meta)
+        workers = self._threads or min(len(shards), os.cpu_count() or 1)
+        if workers > 1 and workers != self._pool_workers:
+            # each worker thread gets its share of the cores for FAISS's own OpenMP loops
+            omp = max(1, (os.cpu_count() or 1) // workers)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(max_workers=workers, initializer=lambda: faiss.omp_set_num_threads(omp))
+            self._pool_workers = workers
+        return snap
+
+    def _table(self, entry: dict) -> pa.Table:
+        key = (entry["file"], entry["sha256"])
+        if key not in self._tables:
+            path = store.verified(self.directory, entry, verify=self.verify)
+            table = pq.read_table(path, columns=["row_id", "identity", "camera", "path"])
+            if len(table) != entry["rows"]:
+                raise GalleryError(f"{path}: {len(table)} rows, manifest says {entry['rows']}")
+            self._tables[key] = table
+        return self._tables[key]
+
+    def _to_device(self, index):
+        import faiss
+
+        if self._use_gpu == "false" or faiss.get_num_gpus() == 0:
+            return index
+        try:
+            return faiss.index_cpu_to_all_gpus(index)
+        except (RuntimeError, AttributeError):  # e.g. fast-scan PQ or HNSW have no GPU version
+            return index
+
+    def refresh(self) -> bool:
+        """Load the newest published generation if another writer made one; True if it changed."""
+        manifest = store.read_manifest(self.directory)
+        if int(manifest.get("generation", 0)) == self._snap.generation:
+            return False
+        self._snap = self._open(manifest)
+        return True
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def manifest(self) -> dict:
+        return self._snap.manifest
+
+    @property
+    def generation(self) -> int:
+        return self._snap.generation
+
+    @property
+    def metric(self) -> str:
+        return self._snap.manifest["metric"]
+
+    @property
+    def dim(self) -> int:
+        return int(self._snap.manifest["dim"])
+
+    @property
+    def shards(self) -> list:
+        return list(self._snap.shards)
 
     @property
     def ntotal(self) -> int:
-        return sum(s.ntotal for s in self.shards)
+        """Vectors a search can return (removed ones excluded)."""
+        return sum(s.ntotal for s in self._snap.shards) - len(self._snap.removed)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores Q×k, row ids Q×k); scores are inner products (ip) or squared L2 (l2)."""
+        """(scores Q×k, row ids Q×k), best first, over all shards; removed rows never appear.
+
+        Scores are inner products (metric ip; cosine for L2-normalised vectors: give
+        normalised queries) or squared L2 distances (l2). Fewer than k hits pad with
+        id -1 and score -inf (ip) / +inf (l2).
+        """
+        snap = self._snap
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
-        results = list(self._pool.map(lambda index: index.search(queries, k), self.shards))
-        return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.metric == "ip")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        larger = snap.manifest["metric"] == "ip"
+        if not len(snap.removed):
+            return self._search_shards(snap, queries, k, larger)
+        # Tombstones: fetch extra hits and drop removed ones; rows that lost too many are
+        # searched again deeper. Exact for Flat; for approximate indexes the same as the
+        # index's own ranking of the live rows.
+        scores = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        todo, fetch = np.arange(len(queries)), k + min(len(snap.removed), k)
+        while len(todo):
+            s, i = self._search_shards(snap, queries[todo], fetch, larger)
+            dead = np.isin(i, snap.removed)
+            live = (i >= 0) & ~dead
+            order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+            scores[todo] = np.take_along_axis(s, order, 1)
+            ids[todo] = np.where(np.take_along_axis(live, order, 1), np.take_along_axis(i, order, 1), -1)
+            short = (live.sum(1) < k) & (i[:, -1] >= 0) & (fetch < k + len(snap.removed))
+            todo, fetch = todo[short], min(2 * fetch, k + len(snap.removed))
+        scores[ids < 0] = -np.inf if larger else np.inf
+        return scores, ids
+
+    def _search_shards(self, snap: _Snapshot, queries: np.ndarray, k: int, larger: bool):
+        if len(snap.shards) == 1 or self._pool is None:
+            results = [index.search(queries, k) for index in snap.shards]
+        else:
+            results = list(self._pool.map(lambda index: index.search(queries, k), snap.shards))
+        return merge_topk([r[0] for r in results], [r[1] for r in results], k, larger)
+
+    def search_identities(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k distinct identities per query: (identities, best score, best row id), each Q×k.
+
+        An identity's score is that of its best image; pads with identity -1.
+        """
+        snap = self._snap
+        larger = snap.manifest["metric"] == "ip"
+        out_ident = np.full((len(queries), k), -1, np.int64)
+        out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
+        out_row = np.full((len(queries), k), -1, np.int64)
+        todo, fetch = np.arange(len(queries)), 4 * k
+        while len(todo):
+            scores, rows = self.search(queries[todo], min(fetch, max(self.ntotal, 1)))
+            idents = self.identities(rows)
+            again = []
+            for j, q in enumerate(todo):
+                valid = rows[j] >= 0
+                ident, score, row = idents[j][valid], scores[j][valid], rows[j][valid]
+                _, first = np.unique(ident, return_index=True)
+                first = np.sort(first)[:k]
+                if len(first) < k and valid.all() and fetch < self.ntotal:
+                    again.append(q)
+                out_ident[q, : len(first)] = ident[first]
+                out_score[q, : len(first)] = score[first]
+                out_row[q, : len(first)] = row[first]
+            todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
+        return out_ident, out_score, out_row
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
-        """Identity for each row id (-1 where the id is -1, i.e. no hit)."""
-        pos = np.searchsorted(self._row_ids, row_ids)
-        pos = np.clip(pos, 0, len(self._row_ids) - 1)
-        found = self._row_ids[pos] == row_ids
-        return np.where(found & (row_ids >= 0), self._identity[pos], -1)
+        """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""
+        snap = self._snap
+        pos, found = snap.positions(row_ids)
+        return np.where(found, snap.identity[pos], -1) if len(snap.identity) else np.full(np.shape(row_ids), -1)
 
     def cameras(self, row_ids: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(self._row_ids, row_ids), 0, len(self._row_ids) - 1)
-        return np.where(row_ids >= 0, self._camera[pos], -1)
+        snap = self._snap
+        pos, found = snap.positions(row_ids)
+        return np.where(found, snap.camera[pos], -1) if len(snap.camera) else np.full(np.shape(row_ids), -1)
+
+    def paths(self, row_ids: np.ndarray) -> np.ndarray:
+        """Source path per row id ("" where unknown), same shape as ``row_ids``."""
+        snap = self._snap
+        row_ids = np.asarray(row_ids)
+        pos, found = snap.positions(row_ids.reshape(-1))
+        names = snap.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(snap.row_ids) else pos.astype(str)
+        return np.where(found, names, "").reshape(row_ids.shape)
+
+    # ------------------------------------------------------------------ writing
+    def add(self, vectors: np.ndarray | None = None, identities: Sequence[int] | np.ndarray = (), cameras=None,
+            paths: Sequence[str] | None = None, *, images: Sequence[str | bytes] | None = None,
+            model_dir: str | Path | None = None) -> np.ndarray:
+        """Add new images of (new or known) identities without rebuilding; return their row ids.
+
+        Give ``vectors`` (N×D float32, L2-normalised like the gallery) or ``images`` (file
+        paths or encoded bytes), which are embedded with the model the index was built
+        with (``model_dir`` overrides where it lives; its weights must hash to the
+        manifest's ``model_sha256``). The new vectors go into a new shard built from the
+        same trained index, published with a new manifest generation.
+        """
+        if (vectors is None) == (images is None):
+            raise ValueError("give exactly one of vectors or images")
+        if images is not None:
+            from reidscale.embed import embed_images
+
+            vectors, ok = embed_images(self._model_dir(model_dir), images)
+            if not ok.all():
+                bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
+                raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
+            if paths is None:
+                paths = [p if isinstance(p, str) else "" for p in images]
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        n = len(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must be N×{self.dim}, got {vectors.shape}")
+        identities = np.asarray(identities, dtype=np.int64).reshape(-1)
+        if len(identities) != n:
+            raise ValueError(f"{n} vectors but {len(identities)} identities")
+        cameras = np.full(n, -1, np.int32) if cameras is None else np.asarray(cameras, dtype=np.int32).reshape(-1)
+        paths = [""] * n if paths is None else [str(p) for p in paths]
+        if len(cameras) != n or len(paths) != n:
+            raise ValueError(f"{n} vectors but {len(cameras)} cameras and {len(paths)} paths")
+        if n == 0:
+            return np.zeros(0, np.int64)
+        with self._write_lock, store.writer_lock(self.directory):
+            manifest = self._latest()
+            gen = int(manifest.get("generation", 0)) + 1
+            ids = np.arange(manifest["next_row_id"], manifest["next_row_id"] + n, dtype=np.int64)
+            index = fill_shard(self._trained(manifest), vectors, ids)
+            name = f"added-{gen:06d}"
+            meta = pa.table({"row_id": ids, "identity": identities, "camera": cameras, "path": paths})
+            entry = {
+                "file": f"{name}.faiss",
+                "ntotal": int(index.ntotal),
+                "id_min": int(ids[0]),
+                "id_max": int(ids[-1]),
+                "generation": gen,
+                "sha256": store.write_index(index, self.directory / f"{name}.faiss"),
+                "metadata": {"file": f"{name}.parquet", "rows": n,
+                             "sha256": store.write_table(meta, self.directory / f"{name}.parquet")},
+            }
+            self._publish({**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
+                           "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1})
+        return ids
+
+    def remove(self, row_ids: Sequence[int] | np.ndarray) -> int:
+        """Remove rows by id (unknown or already removed ids are ignored); return how many were removed."""
+        row_ids = np.unique(np.asarray(row_ids, dtype=np.int64).reshape(-1))
+        with self._write_lock, store.writer_lock(self.directory):
+            manifest = self._latest()
+            _, found = self._snap.positions(row_ids)
+            new = row_ids[found & ~np.isin(row_ids, self._snap.removed)]
+            if not len(new):
+                return 0
+            gen = int(manifest.get("generation", 0)) + 1
+            name = f"removed-{gen:06d}.npy"
+            sha = store.write_atomic(self.directory / name, lambda tmp: np.save(open(tmp, "wb"), new))
+            entry = {"file": name, "sha256": sha, "count": int(len(new)), "generation": gen}
+            self._publish({**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
+                           "ntotal": int(manifest["ntotal"]) - len(new)})
+        return int(len(new))
+
+    def _latest(self) -> dict:
+        """The published manifest (under the writer lock), this object brought up to date with it."""
+        manifest = store.read_manifest(self.directory)
+        if "next_row_id" not in manifest:  # format v1: built before add/remove existed
+            manifest["next_row_id"] = int(max(e["id_max"] for e in manifest["shards"] if e["id_max"] is not None)) + 1
+        if int(manifest.get("generation", 0)) != self._snap.generation:
+            self._snap = self._open(manifest)
+        return manifest
+
+    def _publish(self, manifest: dict) -> None:
+        manifest["format"] = store.INDEX_FORMAT
+        snap = self._open(manifest)  # load (and check) before publishing: never publish what we cannot read
+        store.write_json(self.directory / store.MANIFEST, manifest)
+        self._snap = snap
+
+    def _trained(self, manifest: dict):
+        import faiss
+
+        entry = manifest.get("trained")
+        if entry:
+            return faiss.read_index(str(store.verified(self.directory, entry, verify=self.verify)))
+        empty = faiss.index_factory(self.dim, manifest["factory"],
+                                    faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
+        if not empty.is_trained:
+            raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
+        return empty
+
+    def _model_dir(self, model_dir: str | Path | None) -> Path:
+        model_dir = Path(model_dir or self.manifest.get("model_dir") or "")
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir {str(model_dir)!r}: no exported embedding model to embed images with")
+        import json
+
+        sha = json.loads((model_dir / "config.json").read_text()).get("weights_sha256")
+        if self.manifest.get("model_sha256") and sha != self.manifest["model_sha256"]:
+            raise ValueError(f"model {model_dir} (weights {str(sha)[:12]}) is not the model this index was built "
+                             f"with ({self.manifest['model_sha256'][:12]}); its embeddings would not be comparable")
+        return model_dir

@@ -1,15 +1,24 @@
-"""The build-index job: embed a gallery split with an exported model, then build the index."""
+"""The build-index job: embed a gallery split with an exported model (or take precomputed
+vectors), then build the sharded index."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from reidscale import tracking
 from reidscale.config import ConfigError
-from reidscale.embed import EmbedConfig, embed_split, read_embeddings
+from reidscale.data.shards import atomic_write_json
+from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index
 from reidscale.tracking import TrackingConfig
+
+FACTORY_CHECK_DIMS = (64, 128, 256, 384, 512, 768, 1024, 2048)
 
 
 @dataclass
@@ -20,12 +29,25 @@ class IndexJobConfig:
     # empty: <run_dir>/data
     data_dir: str = ""
     split: str = "gallery"
-    # empty: <run_dir>/index/<model directory name>
+    # empty: <run_dir>/index/<model directory name> (or <embeddings name> with embeddings=)
     out_dir: str = ""
-    # "auto" picks by size; or any FAISS factory string ("Flat", "IVF4096,PQ64", "HNSW32")
+    # precomputed vectors instead of embedding images: a directory of embedding shards
+    # (embeddings-*.parquet, as this job writes) or an N×D float32 .npy (row ids 0..N-1;
+    # identity/camera/path from <same name>.parquet beside it when present)
+    embeddings: str = ""
+    # "auto" picks by size and memory_budget_gb; or any FAISS factory string ("Flat", "IVF1024,PQ256x4fs,RFlat", "HNSW32")
     factory: str = "auto"
     metric: str = "ip"
     num_shards: int = 1
+    # memory the loaded index may take (GiB); decides Flat / IVF-PQ + exact re-rank / IVF-PQ + SQ8 re-rank / IVF-PQ
+    memory_budget_gb: float = 8.0
+    # search-time settings stored in the manifest, FAISS ParameterSpace syntax ("nprobe=64,k_factor_rf=16");
+    # empty: chosen with the factory
+    search_params: str = ""
+    # vectors sampled to train IVF/PQ; 0: 64 per IVF cell
+    train_size: int = 0
+    # L2-normalise precomputed vectors that are not (metric ip is then cosine)
+    normalize: bool = True
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -34,52 +56,141 @@ class IndexJobConfig:
             raise ConfigError(f"metric: {self.metric!r} is not one of ip, l2")
         if self.num_shards < 1:
             raise ConfigError("num_shards: must be >= 1")
+        if self.memory_budget_gb <= 0:
+            raise ConfigError("memory_budget_gb: must be > 0")
         if self.factory != "auto":
             import faiss
 
-            try:
-                faiss.index_factory(8 if "PQ" not in self.factory else 64, self.factory)
-            except RuntimeError as exc:
-                raise ConfigError(f"factory: {self.factory!r} is not a FAISS factory string ({exc})") from None
+            for dim in FACTORY_CHECK_DIMS:
+                try:
+                    faiss.index_factory(dim, self.factory)
+                    break
+                except RuntimeError as exc:
+                    error = exc
+            else:
+                raise ConfigError(f"factory: {self.factory!r} is not a FAISS factory string ({error})")
+        try:
+            parse_search_params(self.search_params)
+        except ValueError as exc:
+            raise ConfigError(f"search_params: {exc}") from None
+        if self.embeddings and not Path(self.embeddings).exists():
+            raise ConfigError(f"embeddings: {self.embeddings} does not exist")
 
     def resolved(self) -> "IndexJobConfig":
         run_dir = Path(self.run_dir).resolve()
         model_dir = Path(self.model_dir).resolve() if self.model_dir else run_dir / "models" / "trained"
-        return IndexJobConfig(
-            **{
-                **self.__dict__,
-                "run_dir": str(run_dir),
-                "model_dir": str(model_dir),
-                "data_dir": str(Path(self.data_dir).resolve() if self.data_dir else run_dir / "data"),
-                "out_dir": str(Path(self.out_dir).resolve() if self.out_dir else run_dir / "index" / model_dir.name),
-            }
+        default_name = Path(self.embeddings).stem if self.embeddings else model_dir.name
+        return replace(
+            self,
+            run_dir=str(run_dir),
+            model_dir=str(model_dir),
+            data_dir=str(Path(self.data_dir).resolve() if self.data_dir else run_dir / "data"),
+            out_dir=str(Path(self.out_dir).resolve() if self.out_dir else run_dir / "index" / default_name),
+            embeddings=str(Path(self.embeddings).resolve()) if self.embeddings else "",
         )
 
 
+def parse_search_params(text: str) -> dict:
+    """``"nprobe=64,k_factor_rf=16"`` → ``{"nprobe": 64, "k_factor_rf": 16}``."""
+    params = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not name=value")
+        try:
+            params[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+    return params
+
+
+def load_precomputed(path: str | Path, normalize: bool = True) -> tuple[np.ndarray, pa.Table, str]:
+    """(N×D float32 vectors, metadata table, model sha256 or "") from precomputed embeddings.
+
+    A ``.npy`` is memory-mapped, not read: a 1M × 512 gallery costs pages, not a copy,
+    unless it has to be normalised.
+    """
+    path = Path(path)
+    model_sha = ""
+    if path.is_dir():
+        stats_path = path / EMBEDDINGS_MANIFEST
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        model_sha = stats.get("model_sha256", "")
+        vectors, metadata = read_embeddings(path, stats.get("files"))
+    elif path.suffix == ".npy":
+        vectors = np.load(path, mmap_mode="r")
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise ValueError(f"{path}: expected an N×D float32 array, got {vectors.shape} {vectors.dtype}")
+        meta_path = path.with_suffix(".parquet")
+        n = len(vectors)
+        if meta_path.is_file():
+            metadata = pq.read_table(meta_path, columns=["row_id", "identity", "camera", "path"])
+            if len(metadata) != n:
+                raise ValueError(f"{meta_path}: {len(metadata)} rows for {n} vectors")
+        else:
+            metadata = pa.table({"row_id": np.arange(n, dtype=np.int64), "identity": np.full(n, -1, np.int64),
+                                 "camera": np.full(n, -1, np.int32), "path": pa.array([""] * n)})
+    else:
+        raise ValueError(f"{path}: embeddings must be a directory of embedding shards or a .npy file")
+    if normalize and not _normalised(vectors):
+        vectors = _l2_normalise(vectors)
+    return vectors, metadata, model_sha
+
+
+def _normalised(vectors: np.ndarray, sample: int = 10_000) -> bool:
+    rows = vectors[np.linspace(0, len(vectors) - 1, min(sample, len(vectors))).astype(int)]
+    return bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
+
+
+def _l2_normalise(vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    out = np.empty(vectors.shape, np.float32)
+    for lo in range(0, len(vectors), chunk):
+        x = np.asarray(vectors[lo : lo + chunk], dtype=np.float32)
+        out[lo : lo + chunk] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return out
+
+
 def build_gallery_index(cfg: IndexJobConfig) -> dict:
+    """Embed (or load) the gallery, build the index; write ``<out_dir>/build_summary.json``; return the summary."""
     cfg = cfg.resolved()
-    if not (Path(cfg.model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"model_dir {cfg.model_dir}: no exported embedding model (run the training job first)")
     out_dir = Path(cfg.out_dir)
-    emb_dir = out_dir / "embeddings"
-    embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed)
-    vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
+    extra: dict = {"split": cfg.split}
+    if cfg.embeddings:
+        vectors, metadata, model_sha = load_precomputed(cfg.embeddings, cfg.normalize)
+        embed_stats = {"embedded": len(vectors), "source": cfg.embeddings}
+        extra["embeddings_source"] = cfg.embeddings
+    else:
+        if not (Path(cfg.model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir {cfg.model_dir}: no exported embedding model (run the training job first)")
+        model_sha = json.loads((Path(cfg.model_dir) / "config.json").read_text())["weights_sha256"]
+        emb_dir = out_dir / "embeddings"
+        embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)
+        if embed_stats is not None:
+            print(f"embeddings in {emb_dir} are complete for this model and data; not embedding again", flush=True)
+        else:
+            embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed)
+        vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
+        extra.update({"model_dir": cfg.model_dir, "data_dir": cfg.data_dir,
+                      "embeddings": {"dir": "embeddings", "files": embed_stats["files"]}})
     manifest = build_index(
         vectors, metadata, out_dir, factory=cfg.factory, metric=cfg.metric, num_shards=cfg.num_shards,
-        model_sha256=embed_stats["model_sha256"],
-        extra={"model_dir": cfg.model_dir, "data_dir": cfg.data_dir, "split": cfg.split,
-               "embeddings": {"dir": "embeddings", "files": embed_stats["files"]}},
+        model_sha256=model_sha, memory_budget_bytes=int(cfg.memory_budget_gb * 2**30),
+        search_params=parse_search_params(cfg.search_params), train_size=cfg.train_size, extra=extra,
     )
     summary = {"index_dir": str(out_dir), "ntotal": manifest["ntotal"], "factory": manifest["factory"],
-               "num_shards": len(manifest["shards"]), "build_time_s": manifest["build_time_s"], "embed": embed_stats}
+               "search": manifest["search"], "num_shards": len(manifest["shards"]),
+               "build_time_s": manifest["build_time_s"], "embed": embed_stats}
+    atomic_write_json(out_dir / "build_summary.json", summary)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{Path(cfg.model_dir).name}", params=cfg,
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
                                 tags={"reidscale.job": "build_index"})
     c = tracking.client(uri)
-    tracking.log_metrics(c, run_id, {"ntotal": manifest["ntotal"], "build_time_s": manifest["build_time_s"],
-                                     "embed_images_per_s": embed_stats["images_per_s"],
-                                     "embed_images_per_s_per_actor": embed_stats["images_per_s_per_actor"],
-                                     "decode_errors": embed_stats["decode_errors"]})
+    metrics = {"ntotal": manifest["ntotal"], "build_time_s": manifest["build_time_s"]}
+    if "images_per_s" in embed_stats:
+        metrics.update({"embed_images_per_s": embed_stats["images_per_s"],
+                        "embed_images_per_s_per_actor": embed_stats["images_per_s_per_actor"],
+                        "decode_errors": embed_stats["decode_errors"]})
+    tracking.log_metrics(c, run_id, metrics)
     c.log_artifact(run_id, str(out_dir / "manifest.json"))
     c.set_terminated(run_id)
     return summary

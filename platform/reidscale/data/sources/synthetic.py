@@ -7,14 +7,20 @@ cameras and different identities can look alike inside one camera. Raw pixels ar
 match across cameras; a trained model has to learn the invariances, which is what makes
 the set useful for checking that training works.
 
-Records come out grouped by identity, ready for :func:`reidscale.data.shards.write_split`.
+Records come out grouped by identity, ready for :func:`reidscale.data.shards.write_dataset`.
+
+``images="placeholder"`` is the metadata-scale mode: the same identities, cameras, splits
+and long-tailed images-per-identity counts, but every image of an identity is one shared
+8×4 JPEG of a few hundred bytes (one of 256 solid colours), so a million identities write
+in minutes with memory that does not grow: records stream, nothing is held.
 """
 
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -55,6 +61,8 @@ class SyntheticConfig:
     max_query_cameras: int = 2
     jpeg_quality: int = 90
     seed: int = 0
+    # "rendered": drawn figures (the demo); "placeholder": metadata scale, see the module doc
+    images: Literal["rendered", "placeholder"] = "rendered"
 
     def validate(self) -> None:
         if self.num_identities < 4:
@@ -69,7 +77,7 @@ class SyntheticConfig:
             raise ConfigError("min_images_per_identity: must be >= cameras_per_identity_min")
         if self.max_images_per_identity < self.min_images_per_identity:
             raise ConfigError("max_images_per_identity: must be >= min_images_per_identity")
-        if self.height < 32 or self.width < 16:
+        if self.images == "rendered" and (self.height < 32 or self.width < 16):
             raise ConfigError("height/width: at least 32x16 pixels")
 
 
@@ -225,6 +233,86 @@ def images_per_identity(cfg: SyntheticConfig, rng: np.random.Generator, n: int) 
     return np.clip(counts, cfg.min_images_per_identity, cfg.max_images_per_identity).astype(int)
 
 
+PLACEHOLDER_WIDTH, PLACEHOLDER_HEIGHT = 4, 8
+
+
+def placeholder_jpegs(n: int = 256) -> list[bytes]:
+    """``n`` tiny solid-colour JPEGs (8×4): the shared images of the metadata-scale mode."""
+    rng = np.random.default_rng(20240229)
+    colours = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+    return [encode_jpeg(np.broadcast_to(c, (PLACEHOLDER_HEIGHT, PLACEHOLDER_WIDTH, 3)).copy(), 75) for c in colours]
+
+
+def _split_of(is_train: bool, cam: int, cam_of: list[int], query_budget: dict[int, int]) -> str:
+    """Train, or the Market-1501 habit for test identities (see :func:`generate`)."""
+    if is_train:
+        return "train"
+    # a query needs a true match in another camera to count under the protocol
+    if query_budget.get(cam, 0) > 0 and any(c != cam for c in cam_of):
+        query_budget[cam] -= 1
+        return "query"
+    return "gallery"
+
+
+def _test_splits(cam_of: list[int], query_cams: list[int], per_camera: int) -> list[str]:
+    """Query/gallery for one test identity so that every query keeps a gallery match in
+    another camera (the rendered mode's rule above can leave a query unmatched when an
+    identity has few images; it stays as it is so the demo data does not change)."""
+    splits = ["gallery"] * len(cam_of)
+    gallery = Counter(cam_of)
+    query_cams_used: list[int] = []
+    budget = {c: per_camera for c in query_cams}
+    for j, cam in enumerate(cam_of):
+        if budget.get(cam, 0) <= 0:
+            continue
+        gallery[cam] -= 1
+        left = {c for c, n in gallery.items() if n > 0}
+        if all(left - {q} for q in [*query_cams_used, cam]):
+            splits[j], budget[cam] = "query", budget[cam] - 1
+            query_cams_used.append(cam)
+        else:
+            gallery[cam] += 1
+    return splits
+
+
+def _placeholder_records(cfg: SyntheticConfig, chunk: int = 4096) -> Iterator[dict]:
+    """The metadata-scale stream: random draws in numpy per chunk of identities, rows in plain Python."""
+    rng = np.random.default_rng(cfg.seed)
+    images = placeholder_jpegs()
+    n_train = max(2, int(round(cfg.num_identities * cfg.train_fraction)))
+    counts = images_per_identity(cfg, rng, cfg.num_identities)
+    for start in range(0, cfg.num_identities, chunk):
+        m = min(chunk, cfg.num_identities - start)
+        n_cams = rng.integers(cfg.cameras_per_identity_min, cfg.num_cameras + 1, size=m).tolist()
+        perms = np.argsort(rng.random((m, cfg.num_cameras)), axis=1).tolist()
+        fills = rng.integers(0, 1 << 30, size=(m, cfg.max_images_per_identity)).tolist()
+        colours = rng.integers(len(images), size=m).tolist()
+        for i in range(m):
+            index = start + i
+            identity, n_images = index + 1, int(counts[index])
+            # unlike the rendered mode, the drawn count wins over the drawn number of cameras,
+            # so the images-per-identity distribution is exactly the long-tailed one
+            k = min(n_cams[i], n_images)
+            cams = perms[i][:k]
+            # every chosen camera sees the identity at least once
+            cam_of = cams + [cams[f % k] for f in fills[i][: max(0, n_images - k)]]
+            is_train = index < n_train
+            splits = (["train"] * len(cam_of) if is_train
+                      else _test_splits(cam_of, cams[: cfg.max_query_cameras], cfg.queries_per_camera))
+            image = images[colours[i]]
+            for j, cam in enumerate(cam_of):
+                yield {
+                    "image": image,
+                    "identity": identity,
+                    "camera": cam,
+                    "split": splits[j],
+                    "label": index if is_train else -1,
+                    "path": f"synthetic/{identity:07d}_c{cam}_{j:04d}.jpg",
+                    "width": PLACEHOLDER_WIDTH,
+                    "height": PLACEHOLDER_HEIGHT,
+                }
+
+
 def generate(cfg: SyntheticConfig) -> Iterator[dict]:
     """Yield one record per image, identity after identity.
 
@@ -233,6 +321,9 @@ def generate(cfg: SyntheticConfig) -> Iterator[dict]:
     for up to ``max_query_cameras`` cameras) and gallery (all other images).
     Record keys: image (JPEG bytes), identity, camera, split, label, path, width, height.
     """
+    if cfg.images == "placeholder":
+        yield from _placeholder_records(cfg)
+        return
     rng = np.random.default_rng(cfg.seed)
     cameras = [_make_camera(rng) for _ in range(cfg.num_cameras)]
     n_train = max(2, int(round(cfg.num_identities * cfg.train_fraction)))
@@ -247,22 +338,14 @@ def generate(cfg: SyntheticConfig) -> Iterator[dict]:
         cam_of = np.concatenate([cams, rng.choice(cams, size=max(0, n_images - n_cams))])
         is_train = index < n_train
         query_budget = {int(c): cfg.queries_per_camera for c in cams[: cfg.max_query_cameras]}
-        for j, cam in enumerate(cam_of):
-            cam = int(cam)
+        cam_list = cam_of.tolist()
+        for j, cam in enumerate(cam_list):
             pixels = render(ident, cameras[cam], rng, cfg.height, cfg.width, cfg.occlusion_prob)
-            if is_train:
-                split = "train"
-            elif query_budget.get(cam, 0) > 0 and np.sum(cam_of != cam) > 0:
-                # a query needs a true match in another camera to count under the protocol
-                split = "query"
-                query_budget[cam] -= 1
-            else:
-                split = "gallery"
             yield {
                 "image": encode_jpeg(pixels, cfg.jpeg_quality),
                 "identity": identity,
                 "camera": cam,
-                "split": split,
+                "split": _split_of(is_train, cam, cam_list, query_budget),
                 "label": index if is_train else -1,
                 "path": f"synthetic/{identity:07d}_c{cam}_{j:04d}.jpg",
                 "width": cfg.width,

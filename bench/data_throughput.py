@@ -1,0 +1,385 @@
+"""P×K batches per second: our Ray Data pipeline vs a torch DataLoader over JPEG files.
+
+Ours (what a training worker runs): ``pipeline.worker_epoch_dataset`` (one Ray Data task per
+row group of the Parquet shards: read + ``transforms.decode_batch``) → ``PKStream`` on the
+driver, one worker's whole stream (rank 0 of 1), local Ray with 2 CPUs.
+Standard: ``torch.utils.data.DataLoader`` with 2 worker processes and torchreid's
+``RandomIdentitySampler`` (written out below), each item read from a folder of the same
+JPEG files and decoded/augmented by the same ``transforms.decode_batch``.
+
+Two more rows measure changes proposed for ``pipeline.py`` (not what training runs yet):
+Ray Data's per-operator resource reservation off, and decode tasks that emit uint8 with the
+consumer normalising each P×K batch.
+
+Both see the same images (a synthetic set, ``--identities`` train identities at 256×128,
+long-tailed counts), the same P×K and transforms, on the same machine, one after the other,
+each in its own fresh process. Per run: ``--epochs`` epochs; the first epoch includes worker
+start-up (Ray Data's first tasks, DataLoader worker forks; not ``ray.init``) and is reported
+apart; the rate is batches over wall time of the later epochs, each epoch building its
+stream afresh as training does. Peak memory is the largest sum of PSS (proportional set
+size: shared pages split between the processes that map them) over the run's whole process
+tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 0.2 s.
+
+    python bench/data_throughput.py [--identities 500] [--epochs 3] [--p 16] [--k 4] [--only NAME] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from _common import print_table, write_results  # noqa: E402
+
+HEIGHT, WIDTH = 256, 128
+ROWS_PER_GROUP = 128  # the demo's row groups (~10 identities each)
+
+
+# --- the data set, written once in both forms -------------------------------------------
+
+def build_data(work: Path, identities: int) -> tuple[Path, Path]:
+    """(shard dir, JPEG folder) for ``identities`` train identities; reused when present."""
+    from reidscale.data.shards import read_manifest, write_dataset
+    from reidscale.data.sources.synthetic import SyntheticConfig, generate
+
+    shards, folder = work / f"shards_{identities}", work / f"jpeg_{identities}"
+    if (shards / "manifest.json").is_file() and (folder / "_done").is_file():
+        return shards, folder
+    # train_fraction just under 1: the generator keeps a few test identities, unused here
+    cfg = SyntheticConfig(num_identities=identities + 5, train_fraction=identities / (identities + 5),
+                          height=HEIGHT, width=WIDTH, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def train_records():
+        for rec in generate(cfg):
+            if rec["split"] == "train":
+                path = folder / f"{rec['identity']:05d}" / Path(rec["path"]).name
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(rec["image"])  # the very bytes the shards hold
+                yield rec
+
+    write_dataset(train_records(), shards, source="synthetic", rows_per_group=ROWS_PER_GROUP, groups_per_shard=8)
+    (folder / "_done").write_text("ok\n")
+    assert read_manifest(shards)["num_classes"] == identities
+    return shards, folder
+
+
+# --- isolation and peak memory ----------------------------------------------------------
+
+def _child(conn, fn, args) -> None:
+    import resource
+
+    result = fn(*args)
+    conn.send((result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    conn.close()
+
+
+def run_isolated(fn, *args):
+    """``fn(*args)`` in a fresh spawned, non-daemonic process (DataLoader workers and Ray need
+    children, which ``_common.run_isolated``'s pool process may not have): (result, its peak RSS)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode})") from None
+    proc.join()
+    return result
+
+
+# --- peak memory of a process tree -------------------------------------------------------
+
+class TreeMemory:
+    """Samples the summed PSS of this process and all its descendants in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.root, self.interval, self.peak = psutil.Process(os.getpid()), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+# --- ours --------------------------------------------------------------------------------
+
+def _uint8_epoch_dataset(groups, cfg, *, epoch: int, seed: int):
+    """``pipeline.worker_epoch_dataset`` (rank 0 of 1) whose tasks emit uint8 blocks (a proposal);
+    same row groups, order and seeds."""
+    import ray.data
+
+    from reidscale.data.pipeline import _mix, epoch_assignment
+
+    def read_decode_uint8(batch: dict, cfg, train: bool) -> dict:
+        # pipeline.read_decode_row_groups with normalise=False; nested so Ray pickles it by value
+        import pyarrow.parquet as pq
+
+        from reidscale.data.transforms import decode_batch
+
+        outputs = []
+        for path, group, seed in zip(batch["path"], batch["row_group"], batch["seed"]):
+            table = pq.ParquetFile(str(path)).read_row_group(int(group), columns=["image", "identity", "label", "row_id"])
+            cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+            outputs.append(decode_batch(cols, cfg, train=train, seed=int(seed), normalise=False))
+        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+    items = [{"path": g[0], "row_group": g[1], "seed": _mix(seed, epoch, index) % (2**63)}
+             for index, g in epoch_assignment(groups, epoch, seed, 0, 1)]
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # as the pipeline does
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_decode_uint8, fn_kwargs={"cfg": cfg, "train": True}, batch_size=1, batch_format="numpy", num_cpus=1.0)
+
+
+def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, uint8: bool = False,
+             no_reservation: bool = False) -> dict:
+    """One worker's epochs through the pipeline. Proposed variants (not what training runs yet):
+    ``no_reservation`` turns off Ray Data's per-operator resource reservation, which on a
+    2-CPU node keeps about one decode task in flight; ``uint8``: decode tasks emit uint8 and
+    the consumer normalises each P×K batch (``transforms.normalise_batch``)."""
+    import ray
+    import ray.data
+
+    from reidscale.data.pipeline import PKStream, row_groups, worker_epoch_dataset
+    from reidscale.data.transforms import TransformConfig, normalise_batch
+
+    cfg = TransformConfig(height=HEIGHT, width=WIDTH)
+    make = _uint8_epoch_dataset if uint8 else (
+        lambda groups, cfg, epoch, seed: worker_epoch_dataset(groups, cfg, epoch=epoch, seed=seed, rank=0, world=1))
+    with TreeMemory() as mem:
+        t_start = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        if no_reservation:
+            ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+        groups = row_groups(shards, "train")
+        stream = PKStream(p, k, seed=0)
+        per_epoch = []
+        for epoch in range(epochs):
+            t0, cpu0, batches, images = time.perf_counter(), time.process_time(), 0, 0
+            ds = make(groups, cfg, epoch=epoch, seed=0)
+            for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
+                if uint8:
+                    batch["image"] = normalise_batch(batch["image"], cfg)
+                batches += 1
+                images += len(batch["label"])
+            per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
+                              "driver_cpu_seconds": time.process_time() - cpu0})
+        stats = ds.stats() if profile else ""
+        ray.shutdown()
+        total = time.perf_counter() - t_start
+    return {"epochs": per_epoch, "total_seconds": total, "peak_pss_bytes": mem.peak, "decode_errors": stream.decode_errors,
+            "stats": stats}
+
+
+# --- the standard way --------------------------------------------------------------------
+
+class RandomIdentitySampler:
+    """torchreid's RandomIdentitySampler (Hermans et al. 2017 P×K): every epoch, each identity's
+    indices are shuffled and cut into K-chunks (topped up with replacement below K, the rest
+    of a chunk dropped); P identities are drawn at random per batch until fewer than P remain."""
+
+    def __init__(self, pids: list[int], batch_size: int, num_instances: int):
+        self.num_instances, self.num_pids_per_batch = num_instances, batch_size // num_instances
+        self.index_dic = defaultdict(list)
+        for index, pid in enumerate(pids):
+            self.index_dic[pid].append(index)
+        self.pids = list(self.index_dic)
+        self.length = sum(max(len(v), num_instances) - max(len(v), num_instances) % num_instances
+                          for v in self.index_dic.values())
+
+    def __iter__(self):
+        batch_idxs_dict = defaultdict(list)
+        for pid in self.pids:
+            idxs = copy.deepcopy(self.index_dic[pid])
+            if len(idxs) < self.num_instances:
+                idxs = list(np.random.choice(idxs, size=self.num_instances, replace=True))
+            random.shuffle(idxs)
+            batch_idxs = []
+            for idx in idxs:
+                batch_idxs.append(idx)
+                if len(batch_idxs) == self.num_instances:
+                    batch_idxs_dict[pid].append(batch_idxs)
+                    batch_idxs = []
+        avai_pids = copy.deepcopy(self.pids)
+        final_idxs = []
+        while len(avai_pids) >= self.num_pids_per_batch:
+            for pid in random.sample(avai_pids, self.num_pids_per_batch):
+                final_idxs.extend(batch_idxs_dict[pid].pop(0))
+                if not batch_idxs_dict[pid]:
+                    avai_pids.remove(pid)
+        return iter(final_idxs)
+
+    def __len__(self):
+        return self.length
+
+
+class JpegFolder:
+    """A map-style dataset over <folder>/<identity>/<file>.jpg; items decoded by our transforms."""
+
+    def __init__(self, folder: Path):
+        from reidscale.data.transforms import TransformConfig
+
+        self.cfg = TransformConfig(height=HEIGHT, width=WIDTH)
+        self.files = sorted(p for p in folder.glob("*/*.jpg"))
+        self.pids = [int(p.parent.name) for p in self.files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from reidscale.data.transforms import decode_batch
+
+        data = self.files[index].read_bytes()
+        out = decode_batch({"image": np.array([data], dtype=object)}, self.cfg, train=True,
+                           seed=random.getrandbits(63))
+        return torch.from_numpy(out["image"][0]), self.pids[index]
+
+
+def run_dataloader(folder: str, p: int, k: int, epochs: int, workers: int = 2) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    random.seed(0)
+    np.random.seed(0)
+    with TreeMemory() as mem:
+        t_start = time.perf_counter()
+        dataset = JpegFolder(Path(folder))
+        # fork, Linux's default for a plain script: this function runs in a spawned process,
+        # whose children would otherwise be spawned too (each epoch re-importing torch: ~2x slower)
+        loader = DataLoader(dataset, batch_size=p * k, sampler=RandomIdentitySampler(dataset.pids, p * k, k),
+                            num_workers=workers, drop_last=True, multiprocessing_context="fork")
+        per_epoch = []
+        for _ in range(epochs):
+            t0, batches, images = time.perf_counter(), 0, 0
+            cpu0 = time.process_time()
+            for imgs, _labels in loader:
+                batches += 1
+                images += len(imgs)
+            per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
+                              "driver_cpu_seconds": time.process_time() - cpu0})
+        total = time.perf_counter() - t_start
+        del loader
+    return {"epochs": per_epoch, "total_seconds": total, "peak_pss_bytes": mem.peak, "torch_threads": torch.get_num_threads()}
+
+
+# --- report ------------------------------------------------------------------------------
+
+def _rates(result: dict) -> dict:
+    warm = result["epochs"][1:] or result["epochs"]
+    seconds = sum(e["seconds"] for e in warm)
+    first = result["epochs"][0]
+    return {
+        "batches_per_s": sum(e["batches"] for e in warm) / seconds,
+        "images_per_s": sum(e["images"] for e in warm) / seconds,
+        "first_epoch_batches_per_s": first["batches"] / first["seconds"],
+        "batches_per_epoch": first["batches"],
+        # CPU the consuming process used per wall second: what is left for decoding on 2 cores
+        "driver_cpu_share": sum(e["driver_cpu_seconds"] for e in warm) / seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--identities", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--p", type=int, default=16)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
+    parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours, ours_no_reservation, ...")
+    parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last epoch")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    shards, folder = build_data(Path(args.work_dir), args.identities)
+    from reidscale.data.shards import read_manifest
+
+    train = read_manifest(shards)["splits"]["train"]
+    print(f"data: {train['images']} train images of {train['identities']} identities at {HEIGHT}x{WIDTH} "
+          f"({time.perf_counter() - t0:.0f} s to build or find)", flush=True)
+
+    pipelines = {
+        "dataloader": ("torch DataLoader, 2 workers, RandomIdentitySampler, JPEG files",
+                       lambda: run_isolated(run_dataloader, str(folder), args.p, args.k, args.epochs)),
+        "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream",
+                 lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs, args.profile)),
+        "ours_no_reservation": ("ours, proposed: + Ray Data op reservation off",
+                                lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs, args.profile,
+                                                     False, True)),
+        "ours_no_reservation_uint8": ("ours, proposed: + reservation off + uint8 blocks",
+                                      lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs,
+                                                           args.profile, True, True)),
+    }
+    rows, results = [], {}
+    for key, (name, run) in pipelines.items():
+        if args.only not in (None, key):
+            continue
+        out, driver_peak = run()
+        stats = out.pop("stats", "")
+        if stats:
+            print(f"--- {key}: Ray Data stats, last epoch ---\n{stats}")
+        rates = _rates(out)
+        results[key] = {**out, **rates, "driver_peak_rss_bytes": driver_peak}
+        ratio = rates["batches_per_s"] / results["dataloader"]["batches_per_s"] if "dataloader" in results else None
+        if ratio is not None and key != "dataloader":
+            results[key]["ratio_batches_per_s_vs_dataloader"] = ratio
+        rows.append({"pipeline": name, "P×K batches/s": f"{rates['batches_per_s']:.2f}",
+                     "vs DataLoader": f"{ratio:.2f}" if ratio else "",
+                     "images/s": f"{rates['images_per_s']:.0f}",
+                     "1st epoch batches/s": f"{rates['first_epoch_batches_per_s']:.2f}",
+                     "batches/epoch": rates["batches_per_epoch"],
+                     "driver CPU": f"{rates['driver_cpu_share']:.2f} cores",
+                     "peak memory (PSS, all processes)": f"{out['peak_pss_bytes'] / 2**20:.0f} MiB"})
+    print_table(rows)
+    if args.only is None:
+        write_results("data_throughput", {
+            "identities": args.identities, "train_images": train["images"], "height": HEIGHT, "width": WIDTH,
+            "p": args.p, "k": args.k, "epochs": args.epochs, "rows_per_group": ROWS_PER_GROUP, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The index directory on disk: atomic file writes, the manifest, checksums, the writer lock.
+
+Protocol (what makes an index directory safe to read while it changes):
+
+* every file is written under a temporary name, fsynced, and renamed into place; a
+  data file (shard, metadata, tombstones) is never rewritten under the same name once a
+  manifest lists it (``add``/``remove`` write new files with the new generation number);
+* ``manifest.json`` is written last, atomically, and is the only thing a reader trusts:
+  it lists every file with its sha256. A reader that loaded generation g keeps a
+  consistent view of g even while a writer publishes g+1;
+* writers (``Gallery.add``/``remove``) hold an exclusive ``flock`` on ``.writer.lock``
+  for read-modify-write of the manifest, so two writers never lose each other's changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from reidscale.data.shards import sha256_file
+
+INDEX_FORMAT = "reidscale-index-v2"
+# v1 (no generations, add/remove) is read as generation 0
+READABLE_FORMATS = ("reidscale-index-v1", INDEX_FORMAT)
+MANIFEST = "manifest.json"
+
+
+class GalleryError(ValueError):
+    """An index directory is incomplete, tampered with, or of another format."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> str:
+    """``write(tmp_path)``, fsync, rename to ``path``; return the file's sha256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return digest
+
+
+def write_index(index, path: str | Path) -> str:
+    import faiss
+
+    return write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def write_table(table, path: str | Path) -> str:
+    import pyarrow.parquet as pq
+
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The published manifest of an index directory, or a GalleryError saying why not."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise GalleryError(f"{Path(directory)}: no {MANIFEST}; the index was never completed")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GalleryError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise GalleryError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}")
+    return manifest
+
+
+def verified(directory: str | Path, entry: dict, *, verify: bool = True) -> Path:
+    """Path of a file listed in the manifest, after checking it exists and matches its sha256."""
+    path = Path(directory) / entry["file"]
+    if not path.is_file():
+        raise GalleryError(f"{path}: listed in the manifest but missing (partial copy or deleted)")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise GalleryError(f"{path}: sha256 does not match the manifest; refusing to load it")
+    return path
+
+
+@contextlib.contextmanager
+def writer_lock(directory: str | Path) -> Iterator[None]:
+    """Exclusive lock for writers of one index directory (readers never take it)."""
+    with open(Path(directory) / ".writer.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
