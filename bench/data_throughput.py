@@ -7,10 +7,6 @@ Standard: ``torch.utils.data.DataLoader`` with 2 worker processes and torchreid'
 ``RandomIdentitySampler`` (written out below), each item read from a folder of the same
 JPEG files and decoded/augmented by the same ``transforms.decode_batch``.
 
-Two more rows measure changes proposed for ``pipeline.py`` (not what training runs yet):
-Ray Data's per-operator resource reservation off, and decode tasks that emit uint8 with the
-consumer normalising each P×K batch.
-
 Both see the same images (a synthetic set, ``--identities`` train identities at 256×128,
 long-tailed counts), the same P×K and transforms, on the same machine, one after the other,
 each in its own fresh process. Per run: ``--epochs`` epochs; the first epoch includes worker
@@ -27,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import random
 import sys
@@ -144,65 +139,24 @@ class TreeMemory:
 
 # --- ours --------------------------------------------------------------------------------
 
-def _uint8_epoch_dataset(groups, cfg, *, epoch: int, seed: int):
-    """``pipeline.worker_epoch_dataset`` (rank 0 of 1) whose tasks emit uint8 blocks (a proposal);
-    same row groups, order and seeds."""
-    import ray.data
-
-    from reidscale.data.pipeline import _mix, epoch_assignment
-
-    def read_decode_uint8(batch: dict, cfg, train: bool) -> dict:
-        # pipeline.read_decode_row_groups with normalise=False; nested so Ray pickles it by value
-        import pyarrow.parquet as pq
-
-        from reidscale.data.transforms import decode_batch
-
-        outputs = []
-        for path, group, seed in zip(batch["path"], batch["row_group"], batch["seed"]):
-            table = pq.ParquetFile(str(path)).read_row_group(int(group), columns=["image", "identity", "label", "row_id"])
-            cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-            outputs.append(decode_batch(cols, cfg, train=train, seed=int(seed), normalise=False))
-        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-
-    items = [{"path": g[0], "row_group": g[1], "seed": _mix(seed, epoch, index) % (2**63)}
-             for index, g in epoch_assignment(groups, epoch, seed, 0, 1)]
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # as the pipeline does
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_decode_uint8, fn_kwargs={"cfg": cfg, "train": True}, batch_size=1, batch_format="numpy", num_cpus=1.0)
-
-
-def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, uint8: bool = False,
-             no_reservation: bool = False) -> dict:
-    """One worker's epochs through the pipeline. Proposed variants (not what training runs yet):
-    ``no_reservation`` turns off Ray Data's per-operator resource reservation, which on a
-    2-CPU node keeps about one decode task in flight; ``uint8``: decode tasks emit uint8 and
-    the consumer normalises each P×K batch (``transforms.normalise_batch``)."""
+def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False) -> dict:
+    """One worker's epochs through the pipeline, exactly as the training loop builds it."""
     import ray
-    import ray.data
 
     from reidscale.data.pipeline import PKStream, row_groups, worker_epoch_dataset
-    from reidscale.data.transforms import TransformConfig, normalise_batch
+    from reidscale.data.transforms import TransformConfig
 
     cfg = TransformConfig(height=HEIGHT, width=WIDTH)
-    make = _uint8_epoch_dataset if uint8 else (
-        lambda groups, cfg, epoch, seed: worker_epoch_dataset(groups, cfg, epoch=epoch, seed=seed, rank=0, world=1))
     with TreeMemory() as mem:
         t_start = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        if no_reservation:
-            ray.data.DataContext.get_current().op_resource_reservation_enabled = False
         groups = row_groups(shards, "train")
-        stream = PKStream(p, k, seed=0)
+        stream = PKStream(p, k, seed=0, transform=cfg)
         per_epoch = []
         for epoch in range(epochs):
             t0, cpu0, batches, images = time.perf_counter(), time.process_time(), 0, 0
-            ds = make(groups, cfg, epoch=epoch, seed=0)
+            ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1)
             for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
-                if uint8:
-                    batch["image"] = normalise_batch(batch["image"], cfg)
                 batches += 1
                 images += len(batch["label"])
             per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
@@ -330,7 +284,7 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=16)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
-    parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours, ours_no_reservation, ...")
+    parser.add_argument("--only", default=None, help="run one pipeline: dataloader or ours")
     parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last epoch")
     args = parser.parse_args()
 
@@ -347,12 +301,6 @@ def main() -> None:
                        lambda: run_isolated(run_dataloader, str(folder), args.p, args.k, args.epochs)),
         "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream",
                  lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs, args.profile)),
-        "ours_no_reservation": ("ours, proposed: + Ray Data op reservation off",
-                                lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs, args.profile,
-                                                     False, True)),
-        "ours_no_reservation_uint8": ("ours, proposed: + reservation off + uint8 blocks",
-                                      lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs,
-                                                           args.profile, True, True)),
     }
     rows, results = [], {}
     for key, (name, run) in pipelines.items():

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 
 def _epoch_batches(root, epoch, rank, world, seed=0):
     ds = worker_epoch_dataset(row_groups(root, "train"), CFG, epoch=epoch, seed=seed, rank=rank, world=world)
-    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank)
+    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank, transform=CFG)
     return [b for b in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch)]
 
 
@@ -59,3 +59,34 @@ def test_an_epoch_over_all_workers_visits_every_training_row(data):
             assert len(set(batch["identity"].tolist())) == 4
             seen |= set(batch["row_id"].tolist())
     assert seen == set(read_metadata(data, "train").column("row_id").to_pylist())
+
+
+def test_batches_carry_cameras_and_normalised_images_equal_to_the_float_path(data):
+    """Decode tasks ship uint8; the consumer's normalisation must give the float32 path's values."""
+    import pyarrow.parquet as pq
+
+    from reidscale.data.shards import split_files
+    from reidscale.data.transforms import decode_batch
+
+    tables = [pq.read_table(str(f), columns=["row_id", "camera", "image"]) for f in split_files(data, "train")]
+    by_row = {}
+    for t in tables:
+        for row_id, camera, image in zip(t.column("row_id").to_pylist(), t.column("camera").to_pylist(),
+                                         t.column("image").to_pylist()):
+            by_row[row_id] = (camera, image)
+    ds = worker_epoch_dataset(row_groups(data, "train"), CFG, epoch=0, seed=0, rank=0, world=1, train=False)
+    batches = list(PKStream(4, 2, seed=0, transform=CFG).epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), 0))
+    assert batches and all(b["image"].dtype == np.float32 for b in batches)
+    for batch in batches[:3]:
+        assert batch["camera"].tolist() == [by_row[r][0] for r in batch["row_id"].tolist()]
+        expected = decode_batch({"image": np.array([by_row[r][1] for r in batch["row_id"].tolist()], dtype=object)},
+                                CFG, train=False)["image"]
+        np.testing.assert_array_equal(batch["image"], expected)
+
+
+def test_uint8_images_without_a_transform_are_refused():
+    stream = PKStream(2, 1, seed=0)
+    batch = {"image": np.zeros((2, 3, 4, 2), np.uint8), "identity": np.array([5, 6]), "label": np.array([0, 1]),
+             "row_id": np.array([0, 1]), "decode_ok": np.array([True, True])}
+    with pytest.raises(ValueError, match="no transform"):
+        list(stream.epoch([batch], 0))

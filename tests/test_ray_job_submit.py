@@ -84,3 +84,35 @@ def test_train_job_runs_through_ray_job_submit(head):
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["final"]["epoch"] == 1
     assert (run_dir / "models" / "trained" / "model.safetensors").is_file()
+
+
+def test_py_modules_ship_a_library_copy_that_worker_processes_import(head, tmp_path):
+    """docs/operations.md: `--runtime-env-json '{"py_modules": [...]}'` puts a local copy of the
+    library ahead of the installed one on every worker. A marker only the shipped copy has
+    must show up inside a Ray task (a worker process, not the job driver)."""
+    env, _ = head
+    marker = uuid.uuid4().hex
+    shipped = tmp_path / "reidscale"
+    shutil.copytree(REPO / "platform" / "reidscale", shipped, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(shipped / "__init__.py", "a") as f:
+        f.write(f"\nSHIPPED_MARKER = {marker!r}\n")
+    script = (
+        "import os, ray\n"
+        "ray.init()\n"
+        "@ray.remote\n"
+        "def probe():\n"
+        "    import reidscale\n"
+        "    return os.getpid(), getattr(reidscale, 'SHIPPED_MARKER', 'installed copy'), reidscale.__file__\n"
+        "pid, mark, path = ray.get(probe.remote())\n"
+        "print('PROBE', pid != os.getpid(), mark, path)\n"
+    )
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}",
+         "--runtime-env-json", json.dumps({"py_modules": [str(shipped)]}), "--", "python", "-c", script],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probe = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE"))
+    _, in_worker, mark, path = probe.split()
+    assert in_worker == "True" and mark == marker, probe
+    assert not path.startswith(str(REPO)), path

@@ -88,6 +88,19 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int | None = No
     c.log_batch(run_id, metrics=batch)
 
 
+def dataset_metrics(manifest: dict) -> dict[str, float]:
+    """What a training run should show about its data: per-split images/identities and the
+    images ``prepare_data`` skipped as unreadable (so a silently shrunken set is visible)."""
+    out: dict[str, float] = {}
+    for split, info in manifest.get("splits", {}).items():
+        out[f"data_{split}_images"] = info["images"]
+        out[f"data_{split}_identities"] = info["identities"]
+    skipped = manifest.get("skipped") or {}
+    out["data_skipped_images"] = skipped.get("images", 0)
+    out["data_skipped_rate"] = skipped.get("error_rate", 0.0)
+    return out
+
+
 def metric_name(key: str) -> str:
     """MLflow allows letters, digits and _-. /; `tar@far=0.001` becomes `tar_at_far_0.001`."""
     return key.replace("@", "_at_").replace("=", "_")

@@ -82,6 +82,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
     c = tracking.client(uri)
     c.log_artifact(run_id, str(run_dir / "train_config.yaml"))
     c.log_artifact(run_id, str(Path(cfg.data_dir) / "manifest.json"))
+    tracking.log_metrics(c, run_id, tracking.dataset_metrics(manifest), step=0)
     print(f"MLflow run: {tracking.run_url(uri, run_id)}", flush=True)
     print(f"  view it with: {tracking.ui_command(uri)}", flush=True)
 
