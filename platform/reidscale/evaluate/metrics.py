@@ -228,21 +228,35 @@ def evaluate_reid(
         warnings.warn(f"max_rank={max_rank} exceeds the gallery size {len(g)}; the CMC tail "
                       "repeats its last value", stacklevel=2)
 
-    first_rank, ap, inp = [], [], []
+    per_query = []
     for chunk in distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric, chunk_size):
         rows, ranks = rank_true_matches(chunk)
         del chunk  # frees the distances before the next chunk is computed
-        if len(rows) == 0:
-            continue
-        _, start, n = np.unique(rows, return_index=True, return_counts=True)
-        i = np.arange(len(rows)) - np.repeat(start, n)  # i-th true match of its row
-        ap.append(np.add.reduceat((i + 1) / (ranks + 1.0), start) / n)
-        first_rank.append(ranks[start])
-        inp.append(n / (ranks[start + n - 1] + 1.0))
+        per_query.append(query_scores(rows, ranks))
+    return summarise(per_query, max_rank)
 
-    if not ap:
+
+def query_scores(rows: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first-match rank, AP, INP) per query from its true matches' 0-based ranks.
+
+    ``rows``/``ranks``: one entry per true match, sorted by row then rank (rank_true_matches's
+    output); queries with no entry are absent from the result (skipped by the protocol).
+    """
+    if len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    _, start, n = np.unique(rows, return_index=True, return_counts=True)
+    i = np.arange(len(rows)) - np.repeat(start, n)  # i-th true match of its row
+    ap = np.add.reduceat((i + 1) / (ranks + 1.0), start) / n
+    return ranks[start], ap, n / (ranks[start + n - 1] + 1.0)
+
+
+def summarise(per_query: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_rank: int) -> dict:
+    """evaluate_reid's result dict from the ``query_scores`` of every chunk."""
+    first_rank = np.concatenate([p[0] for p in per_query]) if per_query else np.zeros(0, np.int64)
+    if not len(first_rank):
         raise ValueError("no query has a true match in the gallery (after the camera filter)")
-    first_rank, ap, inp = np.concatenate(first_rank), np.concatenate(ap), np.concatenate(inp)
+    ap = np.concatenate([p[1] for p in per_query])
+    inp = np.concatenate([p[2] for p in per_query])
     hits = np.bincount(np.minimum(first_rank, max_rank), minlength=max_rank + 1)[:max_rank]
     return {
         "cmc": np.cumsum(hits) / len(first_rank),
