@@ -61,3 +61,22 @@ def test_other_samplers_train(tmp_path, data_dir, sampler):
     assert json.loads((tmp_path / "train_summary.json").read_text())["final"]["epoch"] == 2
     centres = list((tmp_path / "sampler").glob("centres-epoch*.npy"))
     assert [c.name for c in centres] == (["centres-epoch0001.npy"] if sampler == "hard" else [])
+
+
+def test_partial_fc_and_camera_sie_train_validate_and_export(tmp_path, data_dir):
+    """One run through the real job: Partial FC's sampled logits, SIE fed the batches' cameras
+    (synthetic data: cameras 0..5), validation with each image's camera, an export that keeps SIE."""
+    proc = subprocess.run(
+        [sys.executable, "jobs/train_clipreid.py", f"run_dir={tmp_path}", f"data_dir={data_dir}", *TOY,
+         "model.classifier=partial_fc", "model.sample_rate=0.1", "model.sie_cameras=6", "train.eval_every_epochs=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["final"]["global_step"] > 0 and "val_mAP" in json.dumps(summary)
+    trained = load_file(str(tmp_path / "models" / "trained" / "model.safetensors"))
+    untrained = load_file(str(tmp_path / "models" / "untrained" / "model.safetensors"))
+    key = "backbone.sie_embed"
+    assert trained[key].shape == (6, 32)
+    assert (trained[key] - untrained[key]).abs().max() > 1e-6  # the camera table trained
+    assert not any(k.startswith("classifier") for k in trained)  # the head is never exported

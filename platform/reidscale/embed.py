@@ -66,10 +66,13 @@ class Embedder:
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from reidscale.models.reid import side_inputs
+
         t0 = time.perf_counter()
         with torch.inference_mode():
             images = torch.from_numpy(batch["image"]).to(self.device)
-            emb = self.model(images).cpu().numpy().astype(np.float32)
+            side = side_inputs(self.model, batch.get("camera"), self.device)  # SIE: each image's camera
+            emb = self.model(images, **side).cpu().numpy().astype(np.float32)
         seconds = time.perf_counter() - t0
         out = {k: v for k, v in batch.items() if k not in ("image",)}
         out["embedding"] = emb

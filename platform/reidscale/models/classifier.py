@@ -12,7 +12,13 @@ the rank of its label among the batch's distinct labels (``sampled_targets``). C
 without labels (validation, the class-centre export), the logits cover every class in
 order and the targets are the labels themselves.
 
-Sharding the centres by rank (not done here; the structure is ready for it): rank k of W
+Training (``reid.build_classifier``, one DeepSpeed data-parallel engine per worker) keeps
+every centre on every worker (rank 0 of world 1) and samples per step on each worker: the
+engine's gradient all-reduce then averages whole-table gradients of identical tables, which
+is correct. A sharded table would not be: the all-reduce would average rows of different
+classes.
+
+Sharding the centres by rank (not done in training; the structure is ready for it): rank k of W
 keeps the rows ``[k·C/W, (k+1)·C/W)`` (``class_start``/``num_local``); features and labels
 of the global batch are all-gathered; each rank samples positives that fall in its shard
 plus r·C/W negatives, scores the global batch against them, and the softmax denominator is

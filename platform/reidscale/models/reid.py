@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -93,16 +94,53 @@ class ReIDModel(nn.Module):
         return feat, logits, targets
 
 
-def build_classifier(model_cfg: ModelConfig, dim: int, num_classes: int, *, rank: int = 0, world: int = 1) -> nn.Module:
+def build_classifier(model_cfg: ModelConfig, dim: int, num_classes: int) -> nn.Module:
+    """The ID classifier named by ``model.classifier``, holding every class centre.
+
+    Under data parallelism (one DeepSpeed engine per worker) every worker holds the *whole*
+    centre table and Partial FC samples per step on each worker (its batch's identities + a
+    random ``sample_rate`` share of the others). Sharding the table by rank
+    (``PartialFC(rank=, world=)``) is not safe here: DeepSpeed all-reduces (averages) every
+    parameter's gradient across workers, which would mix rows of different classes and,
+    with ZeRO, partition the shard again. A sharded table needs model parallelism outside
+    the engine (see models/classifier.py); bench/partial_fc_memory.py gives what each
+    layout costs per worker.
+    """
     if model_cfg.classifier == "partial_fc":
         return PartialFC(dim, num_classes, sample_rate=model_cfg.sample_rate, scale=model_cfg.cosine_scale,
-                         margin=model_cfg.cosine_margin, rank=rank, world=world)
+                         margin=model_cfg.cosine_margin)
     return LinearClassifier(dim, num_classes)
 
 
 def build_reid_model(model_cfg: ModelConfig, transform_cfg: TransformConfig, num_classes: int) -> ReIDModel:
     backbone, dim = build_backbone(model_cfg, (transform_cfg.height, transform_cfg.width))
     return ReIDModel(backbone, dim, num_classes, build_classifier(model_cfg, dim, num_classes))
+
+
+def side_inputs(model: nn.Module, cameras, device=None) -> dict[str, torch.Tensor]:
+    """``model(images, **side_inputs(model, cameras))``: the camera ids (N ints, numpy or
+    torch) as the SIE backbone of ``model`` (an EmbeddingModel or ReIDModel) wants them, or
+    {} for a backbone without SIE, so training, validation and embedding agree.
+
+    Raises ValueError naming ``model.sie_cameras`` when an id is outside ``[0, sie_cameras)``
+    (an unknown camera is -1 in the shards, which would silently index the last row), and
+    naming ``model.sie_views`` for view SIE: the shards carry no view ids.
+    """
+    embedding = model.embedding if isinstance(model, ReIDModel) else model
+    backbone = embedding.backbone
+    if not getattr(backbone, "uses_side_info", False):
+        return {}
+    if getattr(backbone, "sie_views", 0):
+        raise ValueError("model.sie_views: the data has no view ids; use sie_cameras only")
+    n = backbone.sie_cameras
+    if cameras is None:
+        raise ValueError(f"model.sie_cameras: {n}, but the batch has no camera ids")
+    if not isinstance(cameras, torch.Tensor):
+        cameras = torch.from_numpy(np.array(cameras, dtype=np.int64))  # a copy: batches may be read-only
+    if len(cameras) and (int(cameras.min()) < 0 or int(cameras.max()) >= n):
+        raise ValueError(f"model.sie_cameras: {n}, but the data has camera ids {int(cameras.min())}.."
+                         f"{int(cameras.max())}; SIE needs every id in [0, {n})")
+    return {"cameras": cameras.to(device=device, dtype=torch.int64)}
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

@@ -56,8 +56,14 @@ class ClipReIDConfig:
             raise ConfigError(f"text_width: {self.text_width} is not divisible by text_heads={self.text_heads}")
 
 
-def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, precision: str) -> torch.Tensor:
-    """Train the prompts (or load their result) and return text features (classes × D, float32)."""
+def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, precision: str,
+               visual=None) -> torch.Tensor:
+    """Train the prompts (or load their result) and return text features (classes × D, float32).
+
+    ``visual`` is the ReID image tower wrapped around ``clip.visual`` (``wrap_tower``; its
+    overlapping patches change the shared patch conv), else ``clip.visual`` itself; stage 1
+    uses its projected class token, without side information (as CLIP-ReID's stage 1 does).
+    """
     import deepspeed
 
     from reidscale.data.pipeline import PKStream, worker_epoch_dataset
@@ -74,7 +80,8 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
         return load_file(str(out))["text_features"]
 
     stage1 = Stage1Model(PromptLearner(num_classes, clip.token_embedding, n_ctx=c.n_ctx, noun=c.noun), TextTower(clip))
-    visual = clip.visual.to(device).eval()
+    visual = (visual if visual is not None else clip.visual).to(device).eval()
+    project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
     for p in visual.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam([stage1.prompts.ctx], lr=c.stage1_lr, weight_decay=c.stage1_weight_decay)
@@ -88,7 +95,8 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
                                            config=ds_cfg, dist_init_required=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # seeds apart from stage 2's, so the two stages do not see the same order
-    stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random")
+    stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",
+                      transform=cfg.transform)
     step, t0 = 0, time.time()
     for epoch in range(c.stage1_epochs):
         dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
@@ -97,7 +105,7 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
         for batch in lockstep(real, stream, device):
             labels = torch.from_numpy(batch["label"]).to(device)
             with torch.no_grad():
-                image_features = visual(torch.from_numpy(batch["image"]).to(device)).float()
+                image_features = project(torch.from_numpy(batch["image"]).to(device)).float()
             text_features = engine(labels).float()
             loss = (supervised_contrastive_i2t(image_features, text_features, labels, 1.0)
                     + supervised_contrastive_t2i(image_features, text_features, labels, 1.0))

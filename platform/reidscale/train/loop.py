@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reidscale.config import _build
+from reidscale.config import ConfigError, _build
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
-from reidscale.models.reid import build_reid_model, export_embedding_model
+from reidscale.models.reid import build_reid_model, export_embedding_model, side_inputs
 from reidscale.train.checkpoint import use_safe_loading, verify_complete, write_rank_listing, write_state
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.schedule import lr_factor
@@ -57,11 +57,17 @@ def deepspeed_config(cfg: TrainJobConfig, precision: str) -> dict:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainJobConfig) -> torch.optim.Optimizer:
     # A client torch optimizer: DeepSpeed's own fused Adam would JIT-compile for ~60 s.
+    # Partial FC's centres take no weight decay: its logits use L2-normalised centres, so decay
+    # changes no logit, and it would rewrite every one of (up to millions of) rows each step when
+    # only the sampled ones had a gradient. (Momentum still moves a row for a while after it was
+    # last sampled, as in insightface's Partial FC v2.)
+    cosine_centres = cfg.model.classifier == "partial_fc"
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        exempt = p.ndim <= 1 or name.endswith(".bias") or (cosine_centres and name == "classifier.weight")
+        (no_decay if exempt else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -73,13 +79,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainJobConfig) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
-def compute_loss(model, images, labels, cfg: TrainJobConfig, text_features: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, dict]:
-    feat, logits = model(images)
+def compute_loss(model, images, labels, cfg: TrainJobConfig, text_features: torch.Tensor | None = None,
+                 cameras: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """(weighted total loss, {term: value, 'acc': ID accuracy}) of one batch.
+
+    ``model`` is a ReIDModel (or a DeepSpeed engine around one), called with the labels so a
+    Partial FC classifier scores only its sampled centres: the ID loss and accuracy use the
+    returned ``targets`` (columns of the sampled logits), the metric losses the labels.
+    ``cameras`` (N ints) reach a backbone with SIE; pass None for one without.
+    """
+    feat, logits, targets = model(images, labels=labels, cameras=cameras)
     terms = {}
     total = torch.zeros((), device=images.device)
     if cfg.loss.id_weight > 0:
-        terms["id"] = cross_entropy_label_smooth(logits.float(), labels, epsilon=cfg.loss.label_smoothing)
+        terms["id"] = cross_entropy_label_smooth(logits.float(), targets, epsilon=cfg.loss.label_smoothing)
         total = total + cfg.loss.id_weight * terms["id"]
     if cfg.loss.triplet_weight > 0:
         terms["triplet"] = triplet_batch_hard(
@@ -91,7 +104,7 @@ def compute_loss(model, images, labels, cfg: TrainJobConfig, text_features: torc
         terms["i2t"] = i2t_cross_entropy(feat.float(), text_features, labels, 1.0, epsilon=cfg.loss.label_smoothing)
         total = total + cfg.clipreid.i2t_weight * terms["i2t"]
     with torch.no_grad():
-        acc = (logits.argmax(1) == labels).float().mean()
+        acc = (logits.argmax(1) == targets).float().mean()
     return total, {**{k: float(v.detach()) for k, v in terms.items()}, "acc": float(acc)}
 
 
@@ -193,13 +206,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
 
     if cfg.recipe == "clipreid":
+        from reidscale.models.open_clip_tower import wrap_tower
         from reidscale.models.prompt_learner import build_clip
-        from reidscale.models.reid import ReIDModel
+        from reidscale.models.reid import ReIDModel, build_classifier
 
         c = cfg.clipreid
-        clip = build_clip(cfg.model, (cfg.transform.height, cfg.transform.width), text_width=c.text_width,
-                          text_layers=c.text_layers, text_heads=c.text_heads)
-        model = ReIDModel(clip.visual, int(clip.visual.output_dim), num_classes)
+        size = (cfg.transform.height, cfg.transform.width)
+        clip = build_clip(cfg.model, size, text_width=c.text_width, text_layers=c.text_layers,
+                          text_heads=c.text_heads)
+        if cfg.model.feature != "proj":
+            # stage 2's i2t term compares the image feature with CLIP's projected text features
+            raise ConfigError(f"model.feature: {cfg.model.feature!r}; recipe=clipreid trains the projected feature (proj)")
+        # the ReID options (OLP, SIE, feature, classifier) on CLIP's image tower, weights shared
+        tower = wrap_tower(clip.visual, cfg.model, size)
+        model = ReIDModel(tower, tower.dim, num_classes, build_classifier(cfg.model, tower.dim, num_classes))
     else:
         model = build_reid_model(cfg.model, cfg.transform, num_classes)
     if rank == 0 and not checkpoint:
@@ -212,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # before the stage-2 engine exists: stage 1 runs the image encoder frozen, outside any engine
         text_features = run_stage1(clip, cfg, loop_config, rank=rank, world=world, device=device,
-                                   precision=precision).to(device)
+                                   precision=precision, visual=tower).to(device)
         del clip.transformer  # the text tower is done; keep only what stage 2 trains
     optimizer = make_optimizer(model, cfg)
     # `state` is what a checkpoint restores. The schedule is in steps, but a streaming P×K
@@ -251,7 +271,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logged_up_to = _logged_up_to(mlflow, run_id, "loss") if rank == 0 else 0
     epochs_logged_up_to = _logged_up_to(mlflow, run_id, "epoch") if rank == 0 else 0
     stream = PKStream(t.p, t.k, seed=t.seed * 1_000_003 + rank, window_identities=t.window_identities or None,
-                      mode=t.sampler)
+                      mode=t.sampler, transform=cfg.transform)
     trace = open(f"{t.trace_file}.rank{rank}", "a") if t.trace_file else None
     start_time, start_step = time.time(), state["global_step"]
 
@@ -279,7 +299,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in lockstep(real, stream, device):
             images_t = torch.from_numpy(batch["image"]).to(device=device, dtype=dtype)
             labels = torch.from_numpy(batch["label"]).to(device)
-            loss, terms = compute_loss(engine, images_t, labels, cfg, text_features)
+            side = side_inputs(model, batch.get("camera"), device)  # {} unless the backbone has SIE
+            loss, terms = compute_loss(engine, images_t, labels, cfg, text_features, **side)
             engine.backward(loss)
             engine.step()
             step_in_epoch += 1

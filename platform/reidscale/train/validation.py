@@ -13,13 +13,18 @@ from reidscale.data.transforms import TransformConfig, decode_batch
 
 
 def _embed_part(model, table: pa.Table, cfg: TransformConfig, device, dtype, batch_size: int) -> np.ndarray:
+    """Embeddings of ``table``'s images; an SIE model also gets each image's camera, as in
+    training and in TransReID's test protocol (the query's own camera)."""
+    from reidscale.models.reid import side_inputs
+
     out = []
     images = table.column("image").to_numpy(zero_copy_only=False)
+    cameras = table.column("camera").to_numpy()
     for lo in range(0, len(images), batch_size):
         decoded = decode_batch({"image": images[lo : lo + batch_size]}, cfg, train=False)
         x = torch.from_numpy(decoded["image"]).to(device=device, dtype=dtype)
         with torch.no_grad():
-            out.append(model(x).float().cpu().numpy())
+            out.append(model(x, **side_inputs(model, cameras[lo : lo + batch_size], device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

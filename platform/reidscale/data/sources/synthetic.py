@@ -37,6 +37,9 @@ _PALETTE = np.array(
     dtype=np.float32,
 )
 _PATTERNS = ("solid", "hstripes", "vstripes", "checker", "split")
+# names of the palette entries, in order (for captions)
+_COLOUR_NAMES = ("red", "blue", "green", "yellow", "white", "black", "brown", "purple", "orange", "grey", "cyan",
+                 "pink")
 
 
 @dataclass
@@ -324,6 +327,37 @@ def generate(cfg: SyntheticConfig) -> Iterator[dict]:
     if cfg.images == "placeholder":
         yield from _placeholder_records(cfg)
         return
+    for record, _ in _rendered_records(cfg):
+        yield record
+
+
+def colour_name(rgb: np.ndarray) -> str:
+    """The palette name nearest to an RGB colour."""
+    return _COLOUR_NAMES[int(np.argmin(((_PALETTE - np.asarray(rgb, np.float32)) ** 2).sum(1)))]
+
+
+def caption(ident: _Identity) -> str:
+    """A sentence naming an identity's attributes, e.g. "a person with black hair in a red and
+    white striped top, blue trousers and grey shoes, carrying a green bag" (for image-text
+    pre-training; the camera's colour balance is not in it)."""
+    top, top2 = colour_name(ident.top), colour_name(ident.top2)
+    garment = {"solid": f"a {top} top", "hstripes": f"a {top} and {top2} striped top",
+               "vstripes": f"a {top} and {top2} vertically striped top", "checker": f"a {top} and {top2} checked top",
+               "split": f"a {top} and {top2} half and half top"}[ident.pattern]
+    build = "slim" if ident.body_width < 0.55 else "broad" if ident.body_width > 0.65 else "medium"
+    bag = f", carrying a {colour_name(ident.bag_colour)} bag" if ident.bag else ", no bag"
+    return (f"a {build} person with {colour_name(ident.hair * 2)} hair in {garment}, "
+            f"{colour_name(ident.bottom)} trousers and {colour_name(ident.shoes)} shoes{bag}")
+
+
+def generate_captioned(cfg: SyntheticConfig) -> Iterator[tuple[dict, str]]:
+    """:func:`generate`'s rendered records (same seed, same records), each with its identity's
+    :func:`caption`."""
+    for record, ident in _rendered_records(cfg):
+        yield record, caption(ident)
+
+
+def _rendered_records(cfg: SyntheticConfig) -> Iterator[tuple[dict, _Identity]]:
     rng = np.random.default_rng(cfg.seed)
     cameras = [_make_camera(rng) for _ in range(cfg.num_cameras)]
     n_train = max(2, int(round(cfg.num_identities * cfg.train_fraction)))
@@ -350,4 +384,4 @@ def generate(cfg: SyntheticConfig) -> Iterator[dict]:
                 "path": f"synthetic/{identity:07d}_c{cam}_{j:04d}.jpg",
                 "width": cfg.width,
                 "height": cfg.height,
-            }
+            }, ident

@@ -1,0 +1,138 @@
+"""Per-worker memory of the ID classifier at 100k / 1M identities: linear vs Partial FC.
+
+For each (identities C, dimension D, per-worker batch B) and classifier, one training step
+(forward, cross-entropy, backward, AdamW step: what ``train/loop.py`` does to the head) runs
+on CPU in its own process (``run_isolated``), and the bytes of the class centres, their
+gradient, the AdamW state and the logits tensor are *measured* from the live tensors, with
+the process's peak RSS and the step time.
+
+Layouts per worker, for N data-parallel workers:
+- ``linear``: the BoT classifier, replicated on every worker (DeepSpeed data parallel, ZeRO 0).
+  Measured at N=1; the same bytes at any N (every worker holds the same tensors).
+- ``partial_fc (replicated)``: Partial FC as reidscale trains it (``reid.build_classifier``):
+  every worker holds all centres and scores its own batch against its positives + 10% of
+  the classes. Measured at N=1; the same at any N.
+- ``partial_fc (sharded)``: the paper's layout (centres split over N ranks, global batch
+  all-gathered, each rank scoring B·N rows against its r·C/N sampled centres). Not
+  implemented in training (it needs model parallelism outside DeepSpeed's gradient
+  all-reduce); *computed* with ``classifier.memory_bytes`` (N=1 is also measured above).
+
+    python bench/partial_fc_memory.py [--classes 100000 1000000] [--dim 512] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_table, run_isolated, write_results  # noqa: E402
+
+WORLDS = (1, 8, 64)
+SAMPLE_RATE = 0.1
+
+
+def one_step(kind: str, num_classes: int, dim: int, batch: int) -> dict:
+    """One fwd/bwd/AdamW step of a classifier head on CPU; bytes of its tensors, step time."""
+    import torch
+    import torch.nn.functional as F
+
+    from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # a shared 2-core machine
+    if kind == "floor":  # the same imports, no step: what the peak RSS includes anyway
+        return {}
+    if kind == "linear":
+        head = LinearClassifier(dim, num_classes)
+    else:
+        head = PartialFC(dim, num_classes, sample_rate=SAMPLE_RATE)
+    # the loop's optimizer: AdamW, centres in the decay group for linear, exempt for Partial FC
+    wd = 5e-4 if kind == "linear" else 0.0
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=wd, foreach=False)
+    feat = torch.randn(batch, dim, requires_grad=True)
+    labels = torch.randint(0, num_classes, (batch // 4,)).repeat_interleave(4)  # P×K: K=4
+    times = []
+    for _ in range(2):  # the first step also allocates the optimizer state
+        t0 = time.perf_counter()
+        logits = head(feat, labels)
+        targets = labels if kind == "linear" else sampled_targets(labels)
+        loss = F.cross_entropy(logits.float(), targets)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    nbytes = lambda t: t.numel() * t.element_size()
+    state = sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {
+        "centres": nbytes(head.weight),
+        "gradient": nbytes(head.weight.grad),
+        "optimizer_state": state,
+        "logits": nbytes(logits),
+        "logits_shape": list(logits.shape),
+        "step_s": round(times[-1], 3),
+    }
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64, help="images per worker per step (P×K)")
+    args = ap.parse_args()
+
+    from reidscale.models.classifier import memory_bytes
+
+    _, floor = run_isolated(one_step, "floor", 1, args.dim, args.batch)
+    rows, records = [], []
+    for c in args.classes:
+        measured = {}
+        for kind in ("linear", "partial_fc"):
+            print(f"measuring {kind} at {c:,} x {args.dim} ...", flush=True)
+            out, peak = run_isolated(one_step, kind, c, args.dim, args.batch)
+            out["peak_rss"] = peak
+            out["rss_above_floor"] = peak - floor
+            measured[kind] = out
+        for layout, kind in (("linear", "linear"), ("partial_fc (replicated)", "partial_fc"),
+                             ("partial_fc (sharded)", None)):
+            for n in WORLDS:
+                if kind is not None:  # the same tensors on every worker: measured at N=1
+                    m = measured[kind]
+                    source = "measured" if n == 1 else "measured at N=1 (replicated: same at any N)"
+                    values = {k: m[k] for k in ("centres", "gradient", "optimizer_state", "logits")}
+                    peak, step = m["rss_above_floor"], m["step_s"]
+                else:
+                    f = memory_bytes(c, args.dim, args.batch, sample_rate=SAMPLE_RATE, world=n)
+                    # memory_bytes counts logits x3 (logits, softmax, gradient); the tensor itself is a third
+                    values = {"centres": f["centres"], "gradient": f["gradient"],
+                              "optimizer_state": f["optimizer_state"], "logits": f["logits"] // 3}
+                    source = "formula (classifier.memory_bytes)"
+                    peak = step = None
+                total = sum(values.values())
+                records.append({"identities": c, "dim": args.dim, "batch_per_worker": args.batch,
+                                "layout": layout, "workers": n, "sample_rate": SAMPLE_RATE if kind != "linear" else 1.0,
+                                **{f"{k}_bytes": v for k, v in values.items()}, "total_bytes": total,
+                                "peak_rss_above_import_floor_bytes": peak, "step_s": step, "source": source})
+                rows.append({"identities": f"{c:,}", "layout": layout, "N": n,
+                             "centres MiB": mib(values["centres"]), "grad MiB": mib(values["gradient"]),
+                             "AdamW MiB": mib(values["optimizer_state"]), "logits MiB": f"{values['logits'] / 2**20:,.1f}",
+                             "total MiB": mib(total), "peak RSS - floor MiB": mib(peak) if peak else "",
+                             "step s": step if step is not None else "", "source": source})
+    print_table(rows)
+    path = write_results("partial_fc_memory", {
+        "note": "bytes per worker, fp32, AdamW (2 states); logits = the logits tensor of one step; "
+                "peak_rss_above_import_floor = the measuring process's peak RSS minus that of a "
+                "process with the same imports and no step",
+        "import_floor_rss_bytes": floor, "results": records})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
