@@ -207,3 +207,31 @@ def test_finished_embeddings_are_reused_only_for_the_same_model_and_data(tmp_pat
     assert finished_embeddings(emb, "m1", data, "query") is None  # another split's data
     (emb / "embeddings-00000.parquet").write_bytes(b"vectorz")
     assert finished_embeddings(emb, "m1", data, "gallery") is None  # a damaged shard is embedded again
+
+
+def test_in_process_embedding_gives_an_sie_model_each_images_camera(tmp_path, images):
+    """A model trained with camera SIE must get the camera at embedding time too, as in training."""
+    from dataclasses import replace
+
+    import torch
+
+    from reidscale.embed import embed_images
+    from reidscale.models.reid import build_reid_model, export_embedding_model
+
+    paths, _ = images
+    sie = replace(TINY, sie_cameras=4)
+    torch.manual_seed(0)
+    model = build_reid_model(sie, SIZE, num_classes=4)
+    with torch.no_grad():  # SIE rows start near zero (std 0.02); make the cameras clearly different
+        model.embedding.backbone.sie_embed.normal_()
+    export = export_embedding_model(model.embedding, sie, SIZE, tmp_path / "sie")
+    cam0, ok0 = embed_images(export, paths[:2], cameras=[0, 0])
+    cam3, ok3 = embed_images(export, paths[:2], cameras=[3, 3])
+    assert ok0.all() and ok3.all()
+    assert np.abs(cam0 - cam3).max() > 1e-3
+    again, _ = embed_images(export, paths[:2], cameras=[0, 0])
+    np.testing.assert_allclose(again, cam0, atol=1e-6)
+    with pytest.raises(ValueError, match="sie_cameras"):
+        embed_images(export, paths[:2])
+    with pytest.raises(ValueError, match="sie_cameras"):
+        embed_images(export, paths[:2], cameras=[0, 4])

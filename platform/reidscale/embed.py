@@ -249,15 +249,19 @@ def load_model(model_dir: str | Path):
     return _cached_model(str(Path(model_dir).resolve()), config.get("weights_sha256", ""))
 
 
-def embed_images(model_dir: str | Path, images, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def embed_images(model_dir: str | Path, images, batch_size: int = 128,
+                 cameras=None) -> tuple[np.ndarray, np.ndarray]:
     """Embed images in this process: (N×D float32 L2-normalised, ok N bool).
 
     ``images`` are file paths or encoded bytes. Rows that do not decode (or whose file
-    cannot be read) get a zero vector and ``ok`` False.
+    cannot be read) get a zero vector and ``ok`` False. ``cameras`` (N ints) are each
+    image's camera id, needed by a model trained with SIE (``model.sie_cameras``), which
+    refuses to embed without them rather than silently dropping its camera embedding.
     """
     import torch
 
     from reidscale.data.transforms import decode_batch
+    from reidscale.models.reid import side_inputs
 
     model, config = load_model(model_dir)
     raw = []
@@ -274,8 +278,9 @@ def embed_images(model_dir: str | Path, images, batch_size: int = 128) -> tuple[
     for lo in range(0, len(raw), batch_size):
         batch = decode_batch({"image": np.array(raw[lo : lo + batch_size], dtype=object)},
                              config["transform_config"], train=False)
+        side = side_inputs(model, None if cameras is None else np.asarray(cameras)[lo : lo + batch_size])
         with torch.inference_mode():
-            vectors[lo : lo + len(batch["image"])] = model(torch.from_numpy(batch["image"])).float().numpy()
+            vectors[lo : lo + len(batch["image"])] = model(torch.from_numpy(batch["image"]), **side).float().numpy()
         ok[lo : lo + len(batch["image"])] = batch["decode_ok"]
     vectors[~ok] = 0.0
     return vectors, ok
@@ -292,7 +297,8 @@ def embed_split_in_process(model_dir: str | Path, data_dir: str | Path, split: s
         for group in pq.ParquetFile(path).iter_batches(batch_size=1024,
                                                        columns=["image", "row_id", "identity", "camera", "path"]):
             table = pa.Table.from_batches([group])
-            emb, ok = embed_images(model_dir, table.column("image").to_pylist(), batch_size)
+            emb, ok = embed_images(model_dir, table.column("image").to_pylist(), batch_size,
+                                   cameras=table.column("camera").to_numpy())
             vectors.append(emb[ok])
             tables.append(table.drop(["image"]).filter(pa.array(ok)))
     if not tables:

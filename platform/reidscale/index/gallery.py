@@ -286,7 +286,7 @@ class Gallery:
         if images is not None:
             from reidscale.embed import embed_images
 
-            vectors, ok = embed_images(self._model_dir(model_dir), images)
+            vectors, ok = embed_images(self._model_dir(model_dir), images, cameras=cameras)
             if not ok.all():
                 bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
                 raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")

@@ -19,6 +19,8 @@ class SearchJobConfig:
     index_dir: str = ""
     # query image files (`images=a.jpg,b.jpg`) ...
     images: list[str] = field(default_factory=list)
+    # camera id of each query image (`cameras=0,3`), for a model trained with SIE
+    cameras: list[int] = field(default_factory=list)
     # ... or a split of a prepared dataset (`data_dir=runs/demo/data split=query`) ...
     data_dir: str = ""
     split: str = ""
@@ -43,6 +45,8 @@ class SearchJobConfig:
             raise ConfigError("split: a dataset query needs both data_dir and split")
         if self.k < 1:
             raise ConfigError("k: must be >= 1")
+        if self.cameras and len(self.cameras) != len(self.images):
+            raise ConfigError(f"cameras: {len(self.cameras)} ids for {len(self.images)} images; give one per image")
         for name in ("index_dir", "vectors", "data_dir"):
             value = getattr(self, name)
             if value and not Path(value).exists():
@@ -65,7 +69,7 @@ def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list]:
 
     model_dir = gallery._model_dir(cfg.model_dir or None)
     if cfg.images:
-        vectors, ok = embed_images(model_dir, cfg.images)
+        vectors, ok = embed_images(model_dir, cfg.images, cameras=cfg.cameras or None)
         if not ok.all():
             bad = [cfg.images[i] for i in np.flatnonzero(~ok)]
             raise ValueError(f"query image(s) missing or not decodable: {', '.join(bad[:5])}")
