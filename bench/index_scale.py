@@ -16,9 +16,15 @@ Galleries (cached under runs/bench/index_scale/, generated once):
   are the generator's query images (other views of gallery identities).
 
 Every configuration runs in its own spawned process (build from the .npy, then open the
-index from disk as a reader would and search), so its peak RSS is its own. Recall is
-against exact search computed separately with numpy (brute force): recall@k = |top-k ∩
-exact top-k| / k, averaged over queries. Writes bench/results/index_scale.json.
+index from disk as a reader would and search), so its peak RSS is its own (it includes the
+memory-mapped input vectors the build reads). Queries/s: all queries in one batch through
+``Gallery.search``, FAISS's default OpenMP threads (all cores), best of 2 after a warm-up.
+The exact baseline is the ``Flat`` row: a FAISS ``IndexFlatIP`` over the same vectors (in
+an ``IndexIDMap2``), searched the same way (BLAS matrix products), so "× exact" compares
+like with like. Recall is against exact top-k computed separately with numpy (brute
+force): recall@k = |top-k ∩ exact top-k| / k, averaged over queries. The 1-minute load
+average before each configuration is recorded (other jobs may share the cores).
+Writes bench/results/index_scale.json.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -271,11 +278,13 @@ def main() -> None:
             run_isolated(exact_topk, str(data))
         for label, factory, params, shards in configurations(n, dim, args.hnsw_max):
             index_dir = work / "indexes" / f"{data.name}-{factory.replace(',', '_')}-s{shards}"
-            print(f"{source} n={n:,}: {label} [{factory}] ...", flush=True)
+            load = os.getloadavg()[0]
+            print(f"{source} n={n:,}: {label} [{factory}] (load average {load:.1f}) ...", flush=True)
             result, peak = run_isolated(measure, str(data), str(index_dir), factory, params, shards)
             if not args.keep_indexes:
                 shutil.rmtree(index_dir, ignore_errors=True)
-            rows.append({"source": source, "n": n, "dim": dim, "config": label, **result, "peak_rss_bytes": peak})
+            rows.append({"source": source, "n": n, "dim": dim, "config": label, **result, "peak_rss_bytes": peak,
+                         "load_1min_before": round(load, 2)})
             print(f"  build {result['build_s']:.1f}s  {result['qps']:.0f} q/s  recall@10 {result['recall10']:.4f}  "
                   f"peak {gib(peak)}", flush=True)
 
@@ -294,6 +303,7 @@ def main() -> None:
         "recall@1": f"{r['recall1']:.4f}",
         "recall@10": f"{r['recall10']:.4f}",
         "identity rank-1": f"{r['identity_rank1']:.4f}",
+        "load": f"{r['load_1min_before']:.1f}",
     } for r in rows]
     print()
     print_table(table)

@@ -294,7 +294,7 @@ def test_factory_choice_follows_size_and_memory_budget():
     assert choose_factory(10_000, 512, 1 << 20).startswith("IVF")  # even a small gallery obeys the budget
     with pytest.raises(ValueError, match="too small"):
         choose_factory(10_000_000, 512, 1 << 20)
-    assert default_search_params(big, 1_000_000) == {"nprobe": 32, "k_factor_rf": 16}
+    assert default_search_params(big, 1_000_000) == {"nprobe": 16, "k_factor_rf": 16}
     assert default_search_params("HNSW32", 10) == {"efSearch": 128}
 
 
@@ -303,11 +303,11 @@ def test_auto_factory_is_recorded_with_its_search_settings(tmp_path, monkeypatch
     x, meta, _ = _clustered(n=3000)
     manifest = build_index(x, meta, tmp_path)
     assert manifest["factory"] == "IVF64,PQ16x4fs,RFlat" and manifest["factory_requested"] == "auto"
-    assert manifest["search"] == {"nprobe": 8, "k_factor_rf": 16}
+    assert manifest["search"] == {"nprobe": 16, "k_factor_rf": 16}
     import faiss
 
     ivf = faiss.extract_index_ivf(Gallery(tmp_path).shards[0])
-    assert ivf.nprobe == 8
+    assert ivf.nprobe == 16
 
 
 def test_duplicate_or_negative_row_ids_are_refused(tmp_path):
