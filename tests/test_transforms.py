@@ -59,3 +59,19 @@ def test_fast_batch_path_equals_the_plain_composition_with_the_same_draws():
                 for d in images]
     np.testing.assert_array_equal(np.delete(out["image"], 5, axis=0), np.stack(expected))
     assert out["decode_ok"].tolist() == [True] * 5 + [False] + [True] * 7
+
+
+def test_uint8_decode_then_normalise_batch_matches_the_float_path():
+    """What the training pipeline ships (uint8) and normalises per batch equals decoding to float."""
+    from reidscale.data.transforms import normalise_batch
+
+    cfg = TransformConfig(height=32, width=16, pad=2)
+    batch = {"image": np.array([_jpeg(seed=s) for s in range(4)], dtype=object)}
+    as_uint8 = decode_batch(batch, cfg, train=False, normalise=False)["image"]
+    assert as_uint8.dtype == np.uint8
+    np.testing.assert_allclose(normalise_batch(as_uint8, cfg), decode_batch(batch, cfg, train=False)["image"],
+                               rtol=0, atol=1e-6)
+    # with augmentation: same draws; only an erased box may differ, by < half a grey level
+    aug8 = normalise_batch(decode_batch(batch, cfg, train=True, seed=3, normalise=False)["image"], cfg)
+    augf = decode_batch(batch, cfg, train=True, seed=3)["image"]
+    assert np.abs(aug8 - augf).max() <= 0.5 / 255 / min(cfg.std) + 1e-6
