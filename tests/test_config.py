@@ -113,3 +113,9 @@ def test_shipped_configs_load():
     assert cfg.transform.mean == (0.5, 0.5, 0.5)
     demo = load_config(TrainJobConfig, root / "demo" / "train.yaml")
     assert demo.train.num_workers == 2
+
+
+def test_clipreid_recipe_with_a_non_projected_feature_is_refused_at_load():
+    with pytest.raises(ConfigError, match="model.feature"):
+        load_config(TrainJobConfig, None, ["recipe=clipreid", "model.feature=cls+proj"])
+    assert load_config(TrainJobConfig, None, ["recipe=baseline", "model.feature=cls+proj"]).model.feature == "cls+proj"

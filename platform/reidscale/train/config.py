@@ -129,3 +129,7 @@ class TrainJobConfig:
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        if self.recipe == "clipreid" and self.model.feature != "proj":
+            # stage 2's i2t term compares the image feature with CLIP's projected text features
+            raise ConfigError(f"model.feature: {self.model.feature!r}; recipe=clipreid trains the projected "
+                              "feature (proj)")

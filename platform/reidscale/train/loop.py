@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reidscale.config import ConfigError, _build
+from reidscale.config import _build
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
 from reidscale.models.reid import build_reid_model, export_embedding_model, side_inputs
@@ -214,9 +214,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         size = (cfg.transform.height, cfg.transform.width)
         clip = build_clip(cfg.model, size, text_width=c.text_width, text_layers=c.text_layers,
                           text_heads=c.text_heads)
-        if cfg.model.feature != "proj":
-            # stage 2's i2t term compares the image feature with CLIP's projected text features
-            raise ConfigError(f"model.feature: {cfg.model.feature!r}; recipe=clipreid trains the projected feature (proj)")
         # the ReID options (OLP, SIE, feature, classifier) on CLIP's image tower, weights shared
         tower = wrap_tower(clip.visual, cfg.model, size)
         model = ReIDModel(tower, tower.dim, num_classes, build_classifier(cfg.model, tower.dim, num_classes))
