@@ -53,7 +53,7 @@ def test_training_exports_models_checkpoints_and_logs_to_mlflow(trained):
     assert run.data.params["model.embed_dim"] == "32"
     losses = client.get_metric_history(summary["run_id"], "loss")
     assert len(losses) >= 2
-    epoch_losses = [m.value for m in client.get_metric_history(summary["run_id"], "epoch_epoch_loss")]
+    epoch_losses = [m.value for m in client.get_metric_history(summary["run_id"], "epoch_loss")]
     assert len(epoch_losses) == 2 and epoch_losses[1] < epoch_losses[0]
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"train_config.yaml", "train_summary.json", "manifest.json"} <= artifacts

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,8 @@ import pyarrow.parquet as pq
 
 from reidscale.config import ConfigError
 from reidscale.data import shards
+
+log = logging.getLogger(__name__)
 
 EMBEDDINGS_MANIFEST = "embeddings.json"
 
@@ -91,8 +94,8 @@ def actor_cpus(cfg: EmbedConfig, cluster_cpus: float, use_gpu: bool) -> float:
     if use_gpu or cfg.num_actors * cfg.cpus_per_actor <= cluster_cpus - 1:
         return cfg.cpus_per_actor
     capped = max(0.25, (cluster_cpus - 1) / cfg.num_actors)
-    print(f"embed: {cfg.num_actors} actors × {cfg.cpus_per_actor} CPU would leave no CPU of {cluster_cpus:g} for "
-          f"reading; reserving {capped:.2f} CPU per actor", flush=True)
+    log.warning(f"embed: {cfg.num_actors} actors × {cfg.cpus_per_actor} CPU would leave no CPU of {cluster_cpus:g} "
+                f"for reading; reserving {capped:.2f} CPU per actor")
     return capped
 
 
@@ -196,8 +199,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     actors = [{"actor": a, "images": int(n), "model_s": round(sec, 3), "images_per_s": n / max(sec, 1e-9)}
               for a, (n, sec) in sorted(per_actor.items())]
     for a in actors:
-        print(f"embed {split}: actor {a['actor']}: {a['images']} images, {a['images_per_s']:.1f} img/s in the model",
-              flush=True)
+        log.info(f"embed {split}: actor {a['actor']}: {a['images']} images, {a['images_per_s']:.1f} img/s in the model")
     stats = {
         "split": split,
         "embedded": written,

@@ -22,6 +22,11 @@ class TrackingConfig:
     # empty: sqlite:///<run_dir>/mlflow.db
     uri: str = ""
     experiment: str = "reidscale"
+    # register the trained embedding model (models/best when validation ran, else models/trained)
+    # as a new version of this registered model; empty: log it to the run only
+    register_as: str = ""
+    # CPU/memory/disk (GPU with pynvml) of the driver's machine, every 10 s, in the training run
+    system_metrics: bool = True
 
     def validate(self) -> None:
         if self.uri and "://" not in self.uri:
@@ -61,9 +66,7 @@ def client(uri: str):
 def start_run(uri: str, experiment: str, run_name: str, params: Any = None, tags: dict | None = None) -> str:
     """Create a run (experiment created on first use) and log ``params``; return its id."""
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment, artifact_location=artifact_location(uri))
-    run = c.create_run(exp_id, run_name=run_name, tags=tags or {})
+    run = c.create_run(ensure_experiment(c, experiment, uri), run_name=run_name, tags=tags or {})
     if params is not None:
         log_params(c, run.info.run_id, params)
     return run.info.run_id
@@ -150,3 +153,97 @@ def reopen_run(c, run_id: str, params: Any) -> None:
     resumes = int(run.data.tags.get("reidscale.resumes", "0")) + 1
     c.log_batch(run_id, params=new, tags=changed + [RunTag("reidscale.resumes", str(resumes))])
     c.update_run(run_id, status="RUNNING")
+
+
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(c, name: str, uri: str) -> str:
+    """The experiment's id (created on first use), tagged as a model-training experiment."""
+    exp = c.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_location(uri))
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
+
+
+def log_dataset(c, run_id: str, data_dir: str | Path, manifest: dict, splits: tuple[str, ...], context: str) -> None:
+    """A run input for the Parquet dataset: source = its manifest (path + sha256), profile = counts.
+
+    One input per split, so the UI's Datasets column says what a run trained or was scored on.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from reidscale.data.shards import sha256_file
+
+    manifest_path = (Path(data_dir) / "manifest.json").resolve()
+    sha = sha256_file(manifest_path)
+    inputs = []
+    for split in splits:
+        info = manifest.get("splits", {}).get(split, {})
+        profile = {"images": info.get("images"), "identities": info.get("identities"),
+                   "cameras": info.get("cameras"), "shards": len(info.get("shards", []) or [])}
+        source = {"uri": str(manifest_path), "sha256": sha, "split": split}
+        dataset = Dataset(name=f"{Path(data_dir).resolve().name}/{split}", digest=sha[:16], source_type="local",
+                          source=json.dumps(source), profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context if split == "train"
+                                                           else f"{context}-{split}")]))
+    c.log_inputs(run_id, datasets=inputs)
+
+
+def system_metrics(run_id: str, uri: str, interval_s: float = 10.0):
+    """A started MLflow system-metrics monitor (CPU, memory, disk, network; GPU with pynvml) or None."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # psutil missing or an unsupported platform: training goes on without
+        import logging
+
+        logging.getLogger(__name__).warning(f"MLflow system metrics off: {exc}")
+        return None
+
+
+def log_embedding_model(uri: str, run_id: str, model_dir: str | Path, name: str, *, register_as: str = "",
+                        tags: dict | None = None) -> dict:
+    """Log an exported embedding model as an MLflow pyfunc (signature + input example); optionally
+    register it as a new version of ``register_as`` with ``tags``. Returns {model_uri, version}."""
+    import io
+
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from PIL import Image
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    sie = int(config.get("model", {}).get("sie_cameras", 0) or 0) > 0
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image"), ColSpec("long", "camera", required=sie)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(config["dim"])))]),
+    )
+    t = config["transform"]
+    buf = io.BytesIO()
+    Image.fromarray(np.full((t["height"], t["width"], 3), 127, np.uint8)).save(buf, format="PNG")
+    import pandas as pd
+
+    example = pd.DataFrame({"image": [buf.getvalue()], "camera": [0]})
+    code = Path(__file__).resolve().parent / "models" / "mlflow_pyfunc.py"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(code), artifacts={"embedding_model": str(model_dir)},
+            signature=signature, input_example=example, registered_model_name=register_as or None,
+            pip_requirements=[], tags={k: str(v) for k, v in (tags or {}).items()},
+        )
+    version = getattr(info, "registered_model_version", None)
+    if register_as and version is not None:
+        c = client(uri)
+        for key, value in (tags or {}).items():
+            c.set_model_version_tag(register_as, str(version), key, str(value))
+    return {"model_uri": info.model_uri, "version": version}

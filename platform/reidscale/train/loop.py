@@ -206,6 +206,20 @@ def progress_line(w: Worker, state: TrainState, epoch: int, step_in_epoch: int, 
             + f" lr {lr:.2e} {rate:.1f} img/s/worker {eta_text}")
 
 
+def step_metrics(loss: float, lr: float, rate: float, terms: dict, id_accuracy: float) -> dict:
+    """MLflow names of the per-step figures: ``loss`` (the weighted total), ``train_loss_<term>``
+    for each unweighted term, ``train_id_accuracy``, ``lr``, ``images_per_s_per_worker``."""
+    return {"loss": loss, "lr": lr, "images_per_s_per_worker": rate, "train_id_accuracy": id_accuracy,
+            **{f"train_loss_{k}": v for k, v in terms.items()}}
+
+
+def epoch_metrics(metrics: dict) -> dict:
+    """MLflow names of the end-of-epoch figures: ``epoch``, ``epoch_loss``, ``epoch_steps``,
+    ``decode_errors``, ``epoch_images_per_s_per_worker``, ``val_rank1``/``val_mAP``/``val_mINP``."""
+    renamed = {"images_per_s_per_worker": "epoch_images_per_s_per_worker"}
+    return {renamed.get(k, k): v for k, v in metrics.items() if k != "global_step"}
+
+
 def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     """One epoch of lockstep P×K steps, continuing mid-epoch after a restore."""
     from reidscale import tracking
@@ -248,10 +262,8 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
             shown = {**loss.terms, "acc": loss.id_accuracy}
             log.info(progress_line(w, state, epoch, step_in_epoch, value, shown, rate))
             if step > w.logged_up_to:
-                tracking.log_metrics(w.mlflow, w.plan.run_id,
-                                     {"loss": value, "lr": w.optimizer.param_groups[0]["lr"],
-                                      "images_per_s_per_worker": rate,
-                                      **{f"loss_{k}": v for k, v in shown.items()}}, step=step)
+                tracking.log_metrics(w.mlflow, w.plan.run_id, step_metrics(value, w.optimizer.param_groups[0]["lr"],
+                                                                           rate, loss.terms, loss.id_accuracy), step=step)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
             state.epoch, state.step_in_epoch = epoch, step_in_epoch
             save_checkpoint(w, state, {"epoch": epoch, "global_step": step, "loss": value})
@@ -306,20 +318,14 @@ def end_epoch(w: Worker, state: TrainState, epoch: int, stats: EpochStats) -> No
         metrics.update(validate_and_export_best(w, state, epoch))
     state.epoch, state.step_in_epoch = epoch + 1, 0
     if w.rank == 0 and state.global_step > w.epochs_logged_up_to:
-        tracking.log_metrics(w.mlflow, w.plan.run_id,
-                             {f"epoch_{k}" if k != "epoch" else k: v for k, v in metrics.items()},
-                             step=state.global_step)
+        tracking.log_metrics(w.mlflow, w.plan.run_id, epoch_metrics(metrics), step=state.global_step)
     save_checkpoint(w, state, metrics)
 
 
 def finish(w: Worker, state: TrainState) -> None:
-    """Export the last model (models/trained) and log the exports to MLflow."""
+    """Export the last model (models/trained); the driver logs the exports as MLflow models."""
     eng.export_from_engine(w.engine, w.cfg, w.rank, w.run_dir / "models" / "trained",
                            extra={"mlflow_run_id": w.plan.run_id, "trained_steps": state.global_step})
-    if w.rank == 0:
-        for name in ("trained", "best"):
-            if (w.run_dir / "models" / name).is_dir():
-                w.mlflow.log_artifacts(w.plan.run_id, str(w.run_dir / "models" / name), artifact_path=f"models/{name}")
     if w.trace:
         w.trace.close()
 

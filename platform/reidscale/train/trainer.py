@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -14,6 +16,8 @@ from reidscale.data.pipeline import row_groups
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
+
+log = logging.getLogger(__name__)
 
 
 def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -110,10 +114,12 @@ def open_mlflow_run(cfg: TrainJobConfig, inputs: TrainInputs) -> tuple[object, s
             tags["reidscale.resumed_from"] = point.path
             if point.state is not None and point.state.mlflow_run_id:
                 tags["reidscale.resumed_from_run_id"] = point.state.mlflow_run_id
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.run_name, params=cfg, tags=tags)
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, f"train-{cfg.run_name}", params=cfg, tags=tags)
         c.log_artifact(run_id, str(run_dir / "train_config.yaml"))
         c.log_artifact(run_id, str(Path(cfg.data_dir) / "manifest.json"))
         tracking.log_metrics(c, run_id, tracking.dataset_metrics(inputs.manifest), step=0)
+        splits = ("train", "query", "gallery") if cfg.train.eval_every_epochs else ("train",)
+        tracking.log_dataset(c, run_id, cfg.data_dir, inputs.manifest, splits, "training")
     return c, run_id, uri
 
 
@@ -124,12 +130,12 @@ def run_training(cfg: TrainJobConfig) -> dict:
     inputs = check_inputs(cfg)
     note = describe(inputs.resume)
     if note:
-        print(note, flush=True)
+        log.info(note)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "train_config.yaml")
     c, run_id, uri = open_mlflow_run(cfg, inputs)
-    print(f"MLflow run: {tracking.run_url(uri, run_id)}", flush=True)
-    print(f"  view it with: {tracking.ui_command(uri)}", flush=True)
+    log.info(f"MLflow run: {tracking.run_url(uri, run_id)}")
+    log.info(f"  view it with: {tracking.ui_command(uri)}")
     try:
         init_ray()
         use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
@@ -141,8 +147,14 @@ def run_training(cfg: TrainJobConfig) -> dict:
             resume_path=inputs.resume.path, stale_checkpoints=inputs.resume.existing,
         )
         t0 = time.time()
-        result = build_trainer(plan, use_gpu).fit()
+        monitor = tracking.system_metrics(run_id, uri) if cfg.tracking.system_metrics else None
+        try:
+            result = build_trainer(plan, use_gpu).fit()
+        finally:
+            if monitor is not None:
+                monitor.finish()
         wall = time.time() - t0
+        logged = log_models(cfg, run_id, uri, inputs)
     except BaseException as exc:
         c.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         if type(exc).__name__ == "TrainingFailedError":
@@ -161,12 +173,35 @@ def run_training(cfg: TrainJobConfig) -> dict:
         "use_gpu": use_gpu,
         "num_workers": cfg.train.num_workers,
         "started_from": inputs.resume.how,
+        "logged_models": logged,
     }
     tracking.log_metrics(c, run_id, {"train_wall_time_s": wall}, step=metrics.get("global_step", 0))
     tracking.log_json_artifact(c, run_id, summary, "train_summary.json")
     shards.atomic_write_json(run_dir / "train_summary.json", summary)
     c.set_terminated(run_id)
     return summary
+
+
+def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) -> dict:
+    """models/trained (as ``model-last``) and models/best (``model-best``) as MLflow pyfunc models;
+    with ``tracking.register_as`` the best one (the last without validation) becomes a new version."""
+    from reidscale.data.shards import sha256_file
+
+    models = Path(cfg.run_dir) / "models"
+    best = models / "best"
+    registered = best if best.is_dir() else models / "trained"
+    out = {}
+    for name, directory in (("model-last", models / "trained"), ("model-best", best)):
+        if not directory.is_dir():
+            continue
+        weights = json.loads((directory / "config.json").read_text())["weights_sha256"]
+        tags = {"weights_sha256": weights, "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
+                "recipe": cfg.recipe, "reidscale.train_run_id": run_id}
+        register = cfg.tracking.register_as if directory == registered else ""
+        out[name] = tracking.log_embedding_model(uri, run_id, directory, name, register_as=register, tags=tags)
+        log.info(f"MLflow model {name}: {out[name]['model_uri']}"
+                 + (f" registered as {register} version {out[name]['version']}" if register else ""))
+    return out
 
 
 class TrainingError(RuntimeError):
