@@ -270,7 +270,7 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     stats.seconds = time.time() - t0
     if epoch == 0 and step_in_epoch == stats.steps:
         state.steps_per_epoch = stats.steps  # the measured length replaces the estimate
-    stats.extra["epoch_steps"] = step_in_epoch
+    stats.step_in_epoch = step_in_epoch
     return stats
 
 
@@ -310,7 +310,7 @@ def end_epoch(w: Worker, state: TrainState, epoch: int, stats: EpochStats) -> No
         "epoch": epoch + 1,
         "global_step": state.global_step,
         "epoch_loss": stats.loss_sum / max(stats.steps, 1),
-        "epoch_steps": stats.extra["epoch_steps"],
+        "epoch_steps": stats.step_in_epoch,
         "decode_errors": state.decode_errors,
         "images_per_s_per_worker": stats.images / max(stats.seconds, 1e-9),
     }

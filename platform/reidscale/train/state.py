@@ -8,7 +8,7 @@ inside a Ray worker minutes later.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from reidscale.train.config import TrainJobConfig
 
@@ -69,4 +69,5 @@ class EpochStats:
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    # where the epoch ended: its steps counted from the epoch's start, replayed ones included
+    step_in_epoch: int = 0
