@@ -11,4 +11,4 @@ from reidscale.cli import run_job
 from reidscale.index.search import SearchJobConfig, run_search
 
 if __name__ == "__main__":
-    sys.exit(run_job(SearchJobConfig, run_search))
+    sys.exit(run_job(SearchJobConfig, run_search, print_summary=False))

@@ -86,8 +86,9 @@ def test_search_job_writes_topk_distinct_identities_as_json(tmp_path):
 def test_search_job_prints_a_table_of_images(tmp_path, capsys):
     centres = _vector_index(tmp_path / "index")
     np.save(tmp_path / "q.npy", centres[[5]])
-    assert run_search(SearchJobConfig(index_dir=str(tmp_path / "index"), vectors=str(tmp_path / "q.npy"), k=4,
-                                      distinct_identities=False)) is None
+    summary = run_search(SearchJobConfig(index_dir=str(tmp_path / "index"), vectors=str(tmp_path / "q.npy"), k=4,
+                                         distinct_identities=False))
+    assert summary["num_queries"] == 1
     out = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in out[1:5]]
     assert [r[-4] for r in rows] == ["105"] * 4  # the identity's four images come first

@@ -118,7 +118,7 @@ def test_the_job_exits_non_zero_with_the_message_and_summarises_skips(tmp_path):
     good = jpeg(3)
     root = market_tree(tmp_path / "src", {"query/0022_c2s1_000100_00.jpg": good[:40]})
     cmd = [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "source=market1501", f"root={root}", "rows_per_group=6"]
-    ok = subprocess.run(cmd + [f"out_dir={tmp_path / 'a'}", "max_error_rate=0.05"], capture_output=True, text=True)
+    ok = subprocess.run(cmd + [f"out_dir={tmp_path / 'a'}", "max_error_rate=0.05", "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["skipped"]["splits"]["query"]["reasons"] == {"truncated": 1}
     assert "skipped 1 of 38 images" in ok.stderr and "query/0022_c2s1_000100_00.jpg" in ok.stderr

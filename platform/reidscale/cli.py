@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Callable, TypeVar
@@ -45,13 +46,19 @@ def human_summary(summary: dict, limit: int = 20) -> list[str]:
     return out[:limit]
 
 
-def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None = None, doc: str = "") -> int:
+def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None = None, doc: str = "",
+            print_summary: bool = True) -> int:
     """Parse ``[--config FILE] [key=value ...]`` into ``config_cls``, call ``fn``.
 
     ``--help`` anywhere prints the job's docstring and every key. A bad config is refused before
     any work (exit 2); an error the user can act on prints one line naming what went wrong (exit 1).
+    ``--json`` prints the whole summary as one JSON document on stdout instead of the readable
+    lines, for scripts (the log lines go to stderr either way). ``print_summary=False`` is for
+    jobs whose output is the printing itself (search prints its results).
     """
     argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
     if not doc:
         doc = getattr(sys.modules.get("__main__"), "__doc__", "") or ""
     if any(a in ("-h", "--help") for a in argv):
@@ -68,7 +75,11 @@ def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None
     except _expected() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if summary:
+    if not print_summary:
+        return 0
+    if summary and as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif summary:
         lines = human_summary(summary)
         if lines:
             print("summary:\n" + "\n".join(lines))

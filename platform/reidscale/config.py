@@ -264,6 +264,7 @@ def describe(cls: type, prefix: str = "") -> list[KeyDoc]:
 def help_text(cls: type, doc: str = "") -> str:
     """``--help``: the job's docstring (usage and examples), then every key with type, default, comment."""
     lines = [doc.strip(), ""] if doc and doc.strip() else ["usage: [--config FILE.yaml] [key=value ...]", ""]
+    lines.append("flags: --config FILE.yaml, --json (print the whole summary as JSON on stdout), --help")
     lines.append("keys (YAML sections or dotted key=value overrides):")
     for d in describe(cls):
         default = json.dumps(d.default) if isinstance(d.default, (list, tuple, dict, str)) else d.default

@@ -125,14 +125,16 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_search(cfg: SearchJobConfig) -> dict | None:
-    """The job: search, print a table (or return the JSON for the CLI to print), write ``out``."""
+def run_search(cfg: SearchJobConfig) -> dict:
+    """The job: search, print a table or the JSON document (``format=json``), write ``out``."""
     summary = search_queries(cfg)
     if cfg.out:
         atomic_write_json(cfg.out, summary)
     if cfg.format == "json":
+        # The results are the job's output, not a summary of it: printed whole, on stdout.
+        print(json.dumps(summary, indent=2))
         return summary
     print(format_table(summary))
     if cfg.out:
         print(f"results: {cfg.out}")
-    return None
+    return summary
