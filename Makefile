@@ -32,7 +32,7 @@ test: install
 	@kernel=$$($(BIN)/python .ci/second_blas_kernel.py); \
 	if [ -n "$$kernel" ]; then \
 		echo "evaluation tests again with OPENBLAS_CORETYPE=$$kernel"; \
-		OPENBLAS_CORETYPE=$$kernel $(BIN)/python -m pytest -q tests/test_eval_metrics.py tests/test_eval_verification.py tests/test_eval_rerank.py tests/test_eval_plots.py; \
+		OPENBLAS_CORETYPE=$$kernel $(BIN)/python -m pytest -q tests/test_eval_*.py; \
 	else echo "numpy does not use OpenBLAS on x86-64 here: no second BLAS pass"; fi
 
 clean-demo:
