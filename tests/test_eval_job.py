@@ -228,3 +228,19 @@ def test_search_split_rank1_names_its_protocol_and_agrees_with_evaluate(tmp_path
 def exact(q, g, q_ids, g_ids, q_cams, g_cams):  # noqa: F811  (cameras may be None here)
     r = evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric="cosine", max_rank=10)
     return {"rank1": r["cmc"][0], "rank5": r["cmc"][4], "rank10": r["cmc"][9], "mAP": r["mAP"], "mINP": r["mINP"]}
+
+
+def test_search_refuses_same_camera_exclusion_without_a_split_and_non_finite_queries(tmp_path):
+    from reidscale.config import ConfigError
+    from reidscale.index.search import SearchJobConfig, run_search
+
+    q, g, q_ids, g_ids, q_cams, g_cams = reid_data(seed=7)
+    built_index(tmp_path / "index", g, g_ids, g_cams, with_embeddings=False)
+    bad = q.copy()
+    bad[[2, 5]] = np.nan
+    np.save(tmp_path / "q.npy", bad)
+    with pytest.raises(ConfigError, match="exclude_same_camera"):
+        SearchJobConfig(index_dir=str(tmp_path / "index"), vectors=str(tmp_path / "q.npy"),
+                        exclude_same_camera=True).validate()
+    with pytest.raises(ValueError, match=r"q.npy: 2 query vector\(s\) with NaN/inf, e.g. row\(s\) 2, 5"):
+        run_search(SearchJobConfig(index_dir=str(tmp_path / "index"), vectors=str(tmp_path / "q.npy")))

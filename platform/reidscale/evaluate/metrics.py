@@ -84,17 +84,17 @@ def find_duplicates(g: np.ndarray, chunk: int = 1 << 14) -> Duplicates | None:
     """Bitwise-identical rows of ``g`` (float32) and the first row each copies, or None.
 
     Rows are hashed with integer arithmetic only (no BLAS, so the grouping cannot depend on
-    the kernel), and every candidate pair is then compared in full: a hash collision never
-    makes two different rows tie.
+    the kernel), and every candidate is then compared bit for bit with the first row of its
+    hash group: a collision never makes two different rows tie (it could only leave copies of a
+    colliding row untied, at odds of ~2**-64 per pair of distinct rows).
     """
     if len(g) < 2:
         return None
-    words = np.ascontiguousarray(g).view(np.uint32).astype(np.uint64)
+    bits = np.ascontiguousarray(g).view(np.uint32)
     mult = np.random.default_rng(0x5EED).integers(1, 2**63, g.shape[1], dtype=np.uint64) | np.uint64(1)
     h = np.empty(len(g), np.uint64)
-    for lo in range(0, len(g), chunk):
-        h[lo : lo + chunk] = (words[lo : lo + chunk] * mult).sum(axis=1)  # wraps mod 2**64
-    del words
+    for lo in range(0, len(g), chunk):  # chunks: no uint64 copy of the whole gallery
+        h[lo : lo + chunk] = (bits[lo : lo + chunk].astype(np.uint64) * mult).sum(axis=1)  # wraps mod 2**64
     order = np.argsort(h, kind="stable")  # equal hashes grouped, index order inside a group
     hs = h[order]
     same_as_prev = np.r_[False, hs[1:] == hs[:-1]]
@@ -102,7 +102,10 @@ def find_duplicates(g: np.ndarray, chunk: int = 1 << 14) -> Duplicates | None:
         return None
     group_start = np.maximum.accumulate(np.where(~same_as_prev, np.arange(len(hs)), 0))
     cand, first = order[same_as_prev], order[group_start[same_as_prev]]
-    equal = (g[cand] == g[first]).all(axis=1) & (np.signbit(g[cand]) == np.signbit(g[first])).all(axis=1)
+    equal = np.empty(len(cand), bool)
+    for lo in range(0, len(cand), chunk):  # bitwise comparison (so -0.0 != 0.0 and NaN payloads count)
+        c, f = cand[lo : lo + chunk], first[lo : lo + chunk]
+        equal[lo : lo + chunk] = (bits[c] == bits[f]).all(axis=1)
     if not equal.any():
         return None
     return Duplicates(cand[equal], first[equal])

@@ -31,7 +31,7 @@ class SearchJobConfig:
     distinct_identities: bool = True
     # drop gallery images of the query's own identity AND camera (the ReID protocol, as jobs/evaluate.py
     # scores it) from the results and the rank-1 figure; empty: true for a dataset split, false otherwise
-    # (needs each query's camera: a split has it, images need cameras=, vectors have none)
+    # (needs each query's identity and camera, which only a split has)
     exclude_same_camera: bool | None = None
     # embedding model for images/split; empty: the model_dir recorded in the index manifest
     model_dir: str = ""
@@ -51,8 +51,8 @@ class SearchJobConfig:
             raise ConfigError("k: must be >= 1")
         if self.cameras and len(self.cameras) != len(self.images):
             raise ConfigError(f"cameras: {len(self.cameras)} ids for {len(self.images)} images; give one per image")
-        if self.exclude_same_camera and (self.vectors or (self.images and not self.cameras)):
-            raise ConfigError("exclude_same_camera: needs each query's camera and identity (a data_dir+split query)")
+        if self.exclude_same_camera and not self.split:
+            raise ConfigError("exclude_same_camera: needs each query's identity and camera: query a data_dir+split")
         for name in ("index_dir", "vectors", "data_dir"):
             value = getattr(self, name)
             if value and not Path(value).exists():
