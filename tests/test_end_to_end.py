@@ -67,6 +67,8 @@ def test_index_and_evaluation_compare_untrained_and_trained(trained):
                        *(["through_index=true"] if name == "trained" else []))
     assert proc.stdout.strip().splitlines()[-1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///")
     assert "gallery embeddings from index" in proc.stdout and "(sha256 checked)" in proc.stdout
+    emb = json.loads((run_dir / "index" / "trained" / "manifest.json").read_text())["embeddings"]
+    assert set(emb["sha256"]) == set(emb["files"])  # what evaluate checks the stored embeddings against
     open_set = json.loads((run_dir / "index" / "trained" / "open_set.json").read_text())
     assert open_set == json.loads((run_dir / "eval" / "trained" / "open_set.json").read_text())
     assert open_set["metric"] == "ip" and open_set["label"] == "trained" and open_set["genuine_pairs"] > 0
