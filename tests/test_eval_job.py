@@ -186,6 +186,10 @@ def test_through_a_flat_index_equals_exact(tmp_path):
         assert ours[f"index_{key}"] == pytest.approx(value, abs=1e-9), key
     short = through_index_metrics(gallery, q, q_ids, q_cams, candidates=20)  # truncation only lowers
     assert short["index_rank1"] == ours["index_rank1"] and short["index_mAP"] < ours["index_mAP"]
+    from reidscale.evaluate.job import format_summary
+
+    row = format_summary({"trained": {**{k: 0.5 for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}, **short}})
+    assert f"trained via index@20" in row and f"{short['index_mAP']:.4f}" in row
 
 
 def test_through_an_ivf_index_is_at_most_exact(tmp_path):

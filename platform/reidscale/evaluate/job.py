@@ -367,13 +367,16 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """One row per result; a result evaluated with rerank=true gets a second row, "<label> +rerank"."""
+    """One row per result; a result evaluated with rerank=true gets a second row, "<label> +rerank", and
+    one with through_index=true a row "<label> via index@N"."""
     cols = ("rank1", "rank5", "rank10", "mAP", "mINP")
     rows = []
     for label, m in summary.items():
         rows.append((label, [m[c] for c in cols]))
         if "rerank_mAP" in m:
             rows.append((f"{label} +rerank", [m[f"rerank_{c}"] for c in cols]))
+        if "index_mAP" in m:  # the same queries ranked by the built index (top index_candidates hits)
+            rows.append((f"{label} via index@{m['index_candidates']}", [m[f"index_{c}"] for c in cols]))
     width = max([12] + [len(name) + 1 for name, _ in rows])
     lines = [f"{'model':<{width}}" + "".join(f"{c:>9}" for c in cols)]
     for name, values in rows:
