@@ -11,7 +11,8 @@ import platform
 import numpy  # noqa: F401  (loads numpy's OpenBLAS, so threadpoolctl sees it)
 from threadpoolctl import threadpool_info
 
-kernels = [i.get("architecture") or "" for i in threadpool_info() if i.get("internal_api") == "openblas"]
+kernels = [i.get("architecture") or "" for i in threadpool_info()
+           if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")]
 if kernels and platform.machine().lower() in ("x86_64", "amd64"):
     # Haswell (AVX2) runs on every x86-64 CPU of the last decade; Sandybridge (AVX) if Haswell is the default
     print("Sandybridge" if kernels[0].lower() == "haswell" else "Haswell")
