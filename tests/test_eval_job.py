@@ -248,3 +248,13 @@ def test_search_refuses_same_camera_exclusion_without_a_split_and_non_finite_que
                         exclude_same_camera=True).validate()
     with pytest.raises(ValueError, match=r"q.npy: 2 query vector\(s\) with NaN/inf, e.g. row\(s\) 2, 5"):
         run_search(SearchJobConfig(index_dir=str(tmp_path / "index"), vectors=str(tmp_path / "q.npy")))
+
+
+def test_true_match_counts_equal_a_plain_loop():
+    from reidscale.evaluate.job import _true_match_counts
+
+    rng = np.random.default_rng(8)
+    g_ids, g_cams = rng.integers(-5, 300, 3000) * 1_000_003, rng.integers(-1, 4, 3000)  # large and negative values
+    q_ids, q_cams = np.r_[g_ids[:200], rng.integers(0, 50, 30)], rng.integers(-1, 4, 230)
+    ref = [((g_ids == i) & (g_cams != c)).sum() for i, c in zip(q_ids, q_cams)]
+    np.testing.assert_array_equal(_true_match_counts(g_ids, g_cams, q_ids, q_cams), ref)

@@ -122,6 +122,19 @@ def _gallery_embeddings(cfg: EvalJobConfig, model_sha: str, work: Path):
     return read_embeddings(work / "gallery", stats["files"])
 
 
+def _true_match_counts(g_ids, g_cams, q_ids, q_cams) -> np.ndarray:
+    """Per query: gallery items of its identity in another camera (its true matches under the protocol)."""
+    def count(keys, table):
+        uniq, n = np.unique(table, axis=0, return_counts=True)
+        pos = np.clip(np.searchsorted(uniq.view([("", uniq.dtype)] * uniq.shape[1]).ravel(),
+                                      keys.view([("", keys.dtype)] * keys.shape[1]).ravel()), 0, len(uniq) - 1)
+        return np.where((uniq[pos] == keys).all(axis=1), n[pos], 0)
+
+    g = np.stack([g_ids, g_cams], axis=1).astype(np.int64)
+    q = np.stack([q_ids, q_cams], axis=1).astype(np.int64)
+    return count(q[:, :1].copy(), g[:, :1].copy()) - count(q, g)
+
+
 def through_index_metrics(gallery, q: np.ndarray, qids: np.ndarray, qcams: np.ndarray, candidates: int) -> dict:
     """Rank-1/5/10, mAP, mINP of ranking each query's top ``candidates`` hits from ``gallery.search``.
 
@@ -145,12 +158,13 @@ def through_index_metrics(gallery, q: np.ndarray, qids: np.ndarray, qcams: np.nd
     snap = gallery._snap  # identity/camera of every live row: each query's true-match count
     live = ~np.isin(snap.row_ids, snap.removed)
     g_ids, g_cams = snap.identity[live], snap.camera[live]
+    totals = _true_match_counts(g_ids, g_cams, np.asarray(qids), np.asarray(qcams))
     n = max(1, min(candidates, gallery.ntotal))
     _, rows = gallery.search(q, n)
     ids, cams = gallery.identities(rows), gallery.cameras(rows)
     first_rank, ap, inp = [], [], []
     for i in range(len(q)):
-        total = int(((g_ids == qids[i]) & (g_cams != qcams[i])).sum())
+        total = int(totals[i])
         if total == 0:  # no true match in the gallery: skipped, as evaluate_reid does
             continue
         kept = (rows[i] >= 0) & ~((ids[i] == qids[i]) & (cams[i] == qcams[i]))
