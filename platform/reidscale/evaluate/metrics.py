@@ -2,8 +2,10 @@
 
 The protocol is Market-1501's as implemented by torchreid's ``eval_market1501``. Results
 equal a dense evaluation (full Q×G distance matrix, ``np.argsort(kind="stable")`` per row)
-computed with the same float32 distance formula, but only ``chunk_size`` query rows of
-distances exist at a time and no gallery row is ever fully sorted.
+computed with the same distance formula (float64 products rounded once to float32, see
+``distance_block``), but only ``chunk_size`` query rows of distances exist at a time and no
+gallery row is ever fully sorted. Identical gallery vectors always tie, whatever the BLAS
+kernel and the chunking; NaN/inf rows (all-zero rows for cosine) are refused, naming them.
 """
 
 from __future__ import annotations
