@@ -258,3 +258,16 @@ def test_true_match_counts_equal_a_plain_loop():
     q_ids, q_cams = np.r_[g_ids[:200], rng.integers(0, 50, 30)], rng.integers(-1, 4, 230)
     ref = [((g_ids == i) & (g_cams != c)).sum() for i, c in zip(q_ids, q_cams)]
     np.testing.assert_array_equal(_true_match_counts(g_ids, g_cams, q_ids, q_cams), ref)
+
+
+def test_open_set_goes_beside_the_index_only_when_one_is_in_use(tmp_path):
+    q, g, q_ids, g_ids, q_cams, g_cams = reid_data(seed=9)
+    (tmp_path / "index").mkdir()
+    args = (q, meta(q_ids, q_cams), g, meta(g_ids, g_cams), "m" * 64)
+    score_embeddings(cfg_for(tmp_path), *args, tmp_path / "a")  # no index: cosine evaluation -> ip space
+    assert json.loads((tmp_path / "a" / "open_set.json").read_text())["metric"] == "ip"
+    assert not (tmp_path / "index" / "open_set.json").exists()
+    score_embeddings(cfg_for(tmp_path), *args, tmp_path / "b", index_metric="l2")  # manifest says l2
+    o = json.loads((tmp_path / "index" / "open_set.json").read_text())
+    t = threshold_at_far(roc_from_features(q, g, q_ids, g_ids, q_cams, g_cams, metric="cosine"), 1e-3)
+    assert o["metric"] == "l2" and o["score_threshold"] == pytest.approx(2 * t, abs=1e-12)

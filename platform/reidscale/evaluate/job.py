@@ -247,9 +247,11 @@ def open_set_record(roc, cfg: EvalJobConfig, gallery_metric: str, model_sha: str
     }
 
 
-def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, work: Path, gallery=None) -> dict:
+def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, work: Path, gallery=None,
+                     index_metric: str | None = None) -> dict:
     """Everything computed from the embeddings (no Ray): metrics, verification, plots, metrics.json,
-    open_set.json (also into the index directory when ``gallery`` is the index in use).
+    open_set.json (also into ``cfg.index_dir`` when an index is in use: ``index_metric`` is its
+    manifest's metric, or ``gallery`` the opened index, which through_index searches).
 
     One definition of genuine/impostor pairs for the histogram, the ROC and the EER: the ReID
     protocol's (same identity = genuine, minus same identity AND same camera; different
@@ -281,13 +283,15 @@ def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, w
     ]
     rerank_params = ({"rerank_params": {"k1": cfg.rerank_k1, "k2": cfg.rerank_k2, "lambda": cfg.rerank_lambda,
                                         "candidates": cfg.rerank_candidates or "all"}} if cfg.rerank else {})
-    gallery_metric = gallery.metric if gallery is not None else gallery_metric_for(cfg.metric)
+    if index_metric is None and gallery is not None:
+        index_metric = gallery.metric
+    gallery_metric = index_metric or gallery_metric_for(cfg.metric)
     open_set = open_set_record(roc, cfg, gallery_metric, model_sha)
     atomic_write_json(work / "metrics.json", {**metrics, "verification": verification, **rerank_params,
                                               "roc": roc_points(roc), "histogram_genuine_pairs": int(len(genuine)),
                                               **{name: curve.tolist() for name, curve in curves.items()}})
     atomic_write_json(work / "open_set.json", open_set)
-    if gallery is not None:  # beside the index for the online service; not part of the index manifest
+    if index_metric is not None:  # beside the index for the online service; not part of the index manifest
         atomic_write_json(Path(cfg.index_dir) / "open_set.json", open_set)
     return {"metrics": metrics, "verification": verification, "open_set": open_set, "plots": plots,
             "curves": curves, "rerank_params": rerank_params, "histogram_genuine_pairs": int(len(genuine))}
@@ -314,19 +318,24 @@ def overlay_plots(run_dir: Path, summary: dict) -> list[Path]:
                      title="ROC, every model evaluated")]
 
 
-def _open_gallery(cfg: EvalJobConfig, model_sha: str):
-    """The built index at cfg.index_dir when one is in use (it exists and holds this model's gallery), else None."""
-    if not (Path(cfg.index_dir) / "manifest.json").is_file():
-        return None
-    from reidscale.index.gallery import Gallery
+def _index_in_use(cfg: EvalJobConfig, model_sha: str):
+    """(manifest, Gallery or None) of the index at cfg.index_dir when it holds this model's gallery, else
+    (None, None). The index itself is loaded only for through_index (a 1M index is GiBs)."""
+    from reidscale.index import manifest as store
 
-    gallery = Gallery(cfg.index_dir)
-    if gallery.manifest.get("model_sha256") not in (None, "", model_sha):
+    if not (Path(cfg.index_dir) / store.MANIFEST).is_file():
+        return None, None
+    manifest = store.read_manifest(cfg.index_dir)
+    if manifest.get("model_sha256") not in (None, "", model_sha):
         if cfg.through_index:
             raise ValueError(f"through_index=true: index {cfg.index_dir} was built with another model "
-                             f"({gallery.manifest['model_sha256'][:12]}, this one {model_sha[:12]})")
-        return None
-    return gallery
+                             f"({manifest['model_sha256'][:12]}, this one {model_sha[:12]})")
+        return None, None
+    if not cfg.through_index:
+        return manifest, None
+    from reidscale.index.gallery import Gallery
+
+    return manifest, Gallery(cfg.index_dir)
 
 
 def evaluate_model(cfg: EvalJobConfig) -> dict:
@@ -342,8 +351,9 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed)
     q, q_meta = read_embeddings(work / "query", q_stats["files"])
     g, g_meta = _gallery_embeddings(cfg, model_sha, work)
-    gallery = _open_gallery(cfg, model_sha)
-    scored = score_embeddings(cfg, q, q_meta, g, g_meta, model_sha, work, gallery)
+    manifest, gallery = _index_in_use(cfg, model_sha)
+    scored = score_embeddings(cfg, q, q_meta, g, g_meta, model_sha, work, gallery,
+                              manifest["metric"] if manifest else None)
     metrics, verification, rerank_params = scored["metrics"], scored["verification"], scored["rerank_params"]
 
     summary_path = Path(cfg.run_dir) / "summary.json"
@@ -374,7 +384,7 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     o = scored["open_set"]
     print(f"open set: {o['metric']} score threshold {o['score_threshold']:.4f} at FAR {o['target_far']:g} "
           f"(TAR {o['tar_at_far']:.4f}) -> {work / 'open_set.json'}" + (f" and {cfg.index_dir}/open_set.json"
-                                                                       if gallery is not None else ""))
+                                                                       if manifest else ""))
     print(f"summary: {summary_path}")
     print(f"MLflow: {tracking.ui_command(uri)}")
     return None
