@@ -82,7 +82,8 @@ def roc_from_features(
     The result is the exact ROC of the rounded distances: at each returned threshold, FAR and
     TAR are exactly those of the unrounded distances; only thresholds between grid points are
     missing. Grid: [0, 2] for cosine, [0, (max |q| + max |g|)^2] for euclidean.
-    Peak memory: the features (twice for cosine) plus ~3x one chunk's distances.
+    Peak memory: the features, a float64 copy of the gallery (see ``evaluate_reid``) plus ~3x one
+    chunk's distances.
     """
     q, g, q_ids, g_ids, q_cams, g_cams = check_inputs(query_features, gallery_features, query_ids,
                                                       gallery_ids, query_cameras, gallery_cameras, metric)
