@@ -34,11 +34,19 @@ def float32_distance_block(q, g, metric, q_sq=None, g_sq=None, duplicates=None):
     return d
 
 
+def float32_gallery(g, normalise, chunk=1 << 14):
+    """The gallery before the fix: float32, normalised for cosine (no float64 copy)."""
+    return g / np.linalg.norm(g, axis=1, keepdims=True) if normalise else g
+
+
 def variant(name: str):
     import reidscale.evaluate.metrics as metrics
 
-    original = metrics.__dict__.setdefault("_library_distance_block", metrics.distance_block)
-    metrics.distance_block = original if name == "float64 (library)" else float32_distance_block
+    block = metrics.__dict__.setdefault("_library_distance_block", metrics.distance_block)
+    gallery = metrics.__dict__.setdefault("_library_prepared_gallery", metrics.prepared_gallery)
+    library = name == "float64 (library)"
+    metrics.distance_block = block if library else float32_distance_block
+    metrics.prepared_gallery = gallery if library else float32_gallery
 
 
 def evaluate(name, *data, **kw):
