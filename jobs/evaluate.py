@@ -2,8 +2,10 @@
 
     python jobs/evaluate.py [--config FILE.yaml] [key=value ...]
     python jobs/evaluate.py model_dir=runs/demo/models/trained label=trained
+    python jobs/evaluate.py model_dir=runs/demo/models/trained label=trained through_index=true index_candidates=100
 
-Prints a table of every result in <run_dir>/summary.json; the last line is the MLflow UI command.
+Prints a table of every result in <run_dir>/summary.json and the open-set threshold (open_set.json);
+the last line is the MLflow UI command.
 """
 
 import sys

@@ -2,6 +2,7 @@
 
     python jobs/search.py index_dir=runs/demo/index/trained images=a.jpg,b.jpg
     python jobs/search.py index_dir=runs/demo/index/trained data_dir=runs/demo/data split=query k=5 format=json
+    python jobs/search.py index_dir=runs/demo/index/trained data_dir=runs/demo/data split=query exclude_same_camera=false
     python jobs/search.py index_dir=runs/scale/index/g1m vectors=queries.npy out=results.json
 """
 

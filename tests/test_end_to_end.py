@@ -63,13 +63,23 @@ def test_index_and_evaluation_compare_untrained_and_trained(trained):
     run_dir, _ = trained
     for name in ("untrained", "trained"):
         run_job("build_index.py", f"run_dir={run_dir}", f"model_dir={run_dir / 'models' / name}")
-        proc = run_job("evaluate.py", f"run_dir={run_dir}", f"model_dir={run_dir / 'models' / name}", f"label={name}")
+        proc = run_job("evaluate.py", f"run_dir={run_dir}", f"model_dir={run_dir / 'models' / name}", f"label={name}",
+                       *(["through_index=true"] if name == "trained" else []))
     assert proc.stdout.strip().splitlines()[-1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///")
+    assert "gallery embeddings from index" in proc.stdout and "(sha256 checked)" in proc.stdout
+    emb = json.loads((run_dir / "index" / "trained" / "manifest.json").read_text())["embeddings"]
+    assert set(emb["sha256"]) == set(emb["files"])  # what evaluate checks the stored embeddings against
+    open_set = json.loads((run_dir / "index" / "trained" / "open_set.json").read_text())
+    assert open_set == json.loads((run_dir / "eval" / "trained" / "open_set.json").read_text())
+    assert open_set["metric"] == "ip" and open_set["label"] == "trained" and open_set["genuine_pairs"] > 0
+    assert all((run_dir / "eval" / f).stat().st_size > 1000 for f in ("cmc_all.png", "roc_all.png"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) == {"untrained", "trained"}
     for m in summary.values():
         assert 0.0 <= m["mAP"] <= 1.0 and 0.0 <= m["rank1"] <= 1.0
         assert m["num_valid_queries"] > 0
+    # a Flat demo index at 100 candidates: through-index Rank-1 is the exact one
+    assert abs(summary["trained"]["index_rank1"] - summary["trained"]["rank1"]) <= 0.01
     assert (run_dir / "eval" / "trained" / "cmc.png").stat().st_size > 1000
 
     from reidscale.index.gallery import Gallery

@@ -16,9 +16,14 @@ def dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, metric, max_rank):
     if metric == "cosine":
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
         g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        dist = 1 - q @ g.T
+    # float64 products and norms rounded once to float32, as the library does (whatever the BLAS
+    # kernel, this agrees with any chunking of the same products except where a ~1e-16 error
+    # straddles a float32 rounding boundary, which the test data never hits)
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    if metric == "cosine":
+        dist = (1 - q64 @ g64.T).astype(np.float32)
     else:
-        dist = -2 * (q @ g.T) + (g * g).sum(axis=1)[None, :] + (q * q).sum(axis=1)[:, None]
+        dist = (-2 * (q64 @ g64.T) + (g64 * g64).sum(axis=1)[None, :] + (q64 * q64).sum(axis=1)[:, None]).astype(np.float32)
     assert dist.dtype == np.float32
     if q_cams is None:  # no camera filter: nothing is ever "same identity and same camera"
         q_cams, g_cams = np.zeros(len(q)), np.ones(len(g))
@@ -186,3 +191,91 @@ def test_near_duplicates_with_negative_rounded_distances():
     for cams in ((q_cams, g_cams), (None, None)):
         ref = dense_reference(q, g, q_ids, g_ids, *cams, "euclidean", 10)
         assert_same(evaluate_reid(q, g, q_ids, g_ids, *cams, max_rank=10), ref)
+
+
+# ---- BLAS independence (issue 12 §1): CI runs these under two OpenBLAS core types (Makefile `test`)
+from reidscale.evaluate.metrics import distance_chunks, find_duplicates  # noqa: E402
+
+
+def duplicate_heavy(rng, metric, n_base=50, copies=4, dim=64):
+    base = rng.standard_normal((n_base, dim)).astype(np.float32)
+    g = base[rng.integers(0, n_base, n_base * copies)]  # bitwise copies scattered over the gallery
+    q = rng.standard_normal((37, dim)).astype(np.float32)
+    g_ids, q_ids = rng.integers(0, 10, len(g)), rng.integers(0, 10, len(q))
+    g_cams, q_cams = rng.integers(0, 3, len(g)), rng.integers(0, 3, len(q))
+    return q, g, q_ids, g_ids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_identical_gallery_rows_get_identical_distances_for_every_chunk_size(metric):
+    rng = np.random.default_rng(11)
+    q, g, q_ids, g_ids, q_cams, g_cams = duplicate_heavy(rng, metric)
+    _, first = np.unique(g, axis=0, return_inverse=True)  # numpy's own grouping of equal rows
+    per_chunking = []
+    for chunk_size in (None, 1, 2, 5, 7, 16):
+        dist = np.concatenate([c.dist for c in distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric, chunk_size)])
+        for group in np.unique(first):
+            cols = np.flatnonzero(first == group)
+            assert (dist[:, cols] == dist[:, cols[:1]]).all(), "copies of one vector must tie exactly"
+        per_chunking.append(dist)
+    for dist in per_chunking[1:]:
+        np.testing.assert_array_equal(dist, per_chunking[0])  # bitwise, whatever the chunking
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_result_on_duplicate_heavy_data_does_not_depend_on_chunk_size(metric):
+    rng = np.random.default_rng(12)
+    q, g, q_ids, g_ids, q_cams, g_cams = duplicate_heavy(rng, metric)
+    ref = dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, metric, max_rank=20)
+    results = [evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric=metric, max_rank=20, chunk_size=c)
+               for c in (None, 1, 3, 8)]
+    for r in results:
+        np.testing.assert_array_equal(r["cmc"], results[0]["cmc"])
+        assert r["mAP"] == results[0]["mAP"] and r["mINP"] == results[0]["mINP"]
+        assert_same(r, ref)
+
+
+def test_find_duplicates_compares_rows_in_full():
+    g = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.5], [0.0, 1.0], [-0.0, 1.0], [1.0, 2.0]], np.float32)
+    dup = find_duplicates(g)
+    np.testing.assert_array_equal(np.sort(dup.cols), [1, 5])
+    np.testing.assert_array_equal(dup.first[np.argsort(dup.cols)], [0, 0])  # -0.0 is not a bitwise copy of 0.0
+    assert find_duplicates(np.eye(4, dtype=np.float32)) is None
+
+
+def test_blas_kernel_in_use_is_reported():
+    # what `make test` varies; the name shows in the test log line of this test with -rA
+    from threadpoolctl import threadpool_info
+
+    kernels = {i.get("architecture") for i in threadpool_info()  # numpy's own OpenBLAS (torch may bring another)
+               if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")}
+    assert kernels, "numpy is expected to use OpenBLAS here"
+    wanted = __import__("os").environ.get("OPENBLAS_CORETYPE")
+    if wanted:  # the variable must actually change the kernel, or the second CI pass proves nothing
+        assert {k.lower() for k in kernels} == {wanted.lower()}, (kernels, wanted)
+
+
+# ---- non-finite / zero-norm rows (issue 12 §3)
+@pytest.mark.parametrize("side", ["query", "gallery"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_are_refused_naming_side_and_rows(side, bad):
+    rng = np.random.default_rng(5)
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng)
+    x = q if side == "query" else g
+    x[[3, 9], 1] = bad
+    for metric in ("euclidean", "cosine"):
+        with pytest.raises(ValueError, match=rf"^{side} features: 2 non-finite \(NaN/inf\) row\(s\) of {len(x)}, "
+                                             r"e.g. row\(s\) 3, 9;") as err:
+            evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric=metric)
+        assert "\n" not in str(err.value)
+
+
+def test_zero_rows_are_refused_for_cosine_only():
+    rng = np.random.default_rng(6)
+    q, g, q_ids, g_ids, q_cams, g_cams = make_data(rng)
+    g[[0, 2, 4, 6, 8, 10, 12]] = 0
+    with pytest.raises(ValueError, match=r"gallery features: 7 all-zero .* row\(s\) 0, 2, 4, 6, 8, \.\.\."):
+        evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric="cosine")
+    # euclidean distances to the origin are defined: ranked like any other point
+    assert_same(evaluate_reid(q, g, q_ids, g_ids, q_cams, g_cams, metric="euclidean", max_rank=20),
+                dense_reference(q, g, q_ids, g_ids, q_cams, g_cams, "euclidean", 20))

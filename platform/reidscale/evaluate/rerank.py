@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reidscale.evaluate.metrics import (CHUNK_BYTES, MAX_CHUNK_ROWS, check_inputs, distance_block,
-                                        distance_chunks, query_scores, rank_true_matches, summarise)
+                                        distance_chunks, find_duplicates, query_scores, rank_true_matches,
+                                        squared_norms, summarise)
 
 K1, K2, LAMBDA = 20, 6, 0.3  # as in the paper, torchreid and fast-reid
 CANDIDATES = 200  # rerank()'s list length per query
@@ -85,8 +86,9 @@ def nearest_items(x: np.ndarray, sq: np.ndarray | None, k: int, metric: str, chu
     """
     nbrs, row_max = np.empty((len(x), k), np.int64), np.empty(len(x), np.float32)
     step = _rows_per_chunk(len(x), chunk_size)
+    duplicates = find_duplicates(x)
     for lo in range(0, len(x), step):
-        d = distance_block(x[lo : lo + step], x, metric, None if sq is None else sq[lo : lo + step], sq)
+        d = distance_block(x[lo : lo + step], x, metric, None if sq is None else sq[lo : lo + step], sq, duplicates)
         row_max[lo : lo + step] = d.max(axis=1)
         nbrs[lo : lo + step] = smallest(d, k)
         del d
@@ -96,11 +98,11 @@ def nearest_items(x: np.ndarray, sq: np.ndarray | None, k: int, metric: str, chu
 def pair_distances(x: np.ndarray, sq: np.ndarray | None, rows: np.ndarray, cols: np.ndarray, metric: str):
     """float32 d(x[rows[p]], x[cols[p]]) per pair, with ``distance_block``'s formula (sq: squared norms)."""
     out = np.empty(len(rows), np.float32)
-    step = max(256, (4 << 20) // (4 * x.shape[1]))  # pairs per step: ~4 MB of gathered rows each side
+    step = max(256, (4 << 20) // (8 * x.shape[1]))  # pairs per step: ~4 MB of gathered float64 rows each side
     for lo in range(0, len(rows), step):
         i, j = rows[lo : lo + step], cols[lo : lo + step]
-        dot = np.einsum("ij,ij->i", x[i], x[j])
-        out[lo : lo + step] = np.float32(1) - dot if metric == "cosine" else (np.float32(-2) * dot + sq[j]) + sq[i]
+        dot = np.einsum("ij,ij->i", x[i].astype(np.float64), x[j].astype(np.float64))
+        out[lo : lo + step] = 1.0 - dot if metric == "cosine" else (-2.0 * dot + sq[j]) + sq[i]  # float64, rounded once
     return out
 
 
@@ -201,7 +203,7 @@ def k_reciprocal_encodings(query_features: np.ndarray, gallery_features: np.ndar
     x = np.concatenate([query_features, gallery_features]).astype(np.float32, copy=False)
     if metric == "cosine":
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    n, sq = len(x), (x * x).sum(axis=1) if metric == "euclidean" else None
+    n, sq = len(x), squared_norms(x) if metric == "euclidean" else None
     nbrs, row_max = nearest_items(x, sq, k1 + 1, metric, chunk_size)
     v = encodings(x, sq, nbrs, row_max, k1, metric)
     if k2 > 1:  # the authors skip the expansion for k2 = 1 (it would give V[nearest], not V)
@@ -279,11 +281,12 @@ def rerank(query_features: np.ndarray, gallery_features: np.ndarray, *, metric: 
     enc = k_reciprocal_encodings(q, g, metric=metric, k1=k1, k2=k2, chunk_size=chunk_size)
     if metric == "cosine":
         q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
-    q_sq, g_sq = (q * q).sum(1), (g * g).sum(1)
+    q_sq, g_sq = squared_norms(q), squared_norms(g)
+    duplicates = find_duplicates(g)
     indices, distances = [], []
     step = _rows_per_chunk(len(g), chunk_size)
     for lo in range(0, len(q), step):
-        dist = distance_block(q[lo : lo + step], g, metric, q_sq[lo : lo + step], g_sq)
+        dist = distance_block(q[lo : lo + step], g, metric, q_sq[lo : lo + step], g_sq, duplicates)
         cand, rr = rerank_block(enc, dist, lo, candidates, lambda_value)
         del dist
         order = np.argsort(rr, axis=1, kind="stable")  # cand is in index order: ties by index
@@ -295,9 +298,8 @@ def rerank(query_features: np.ndarray, gallery_features: np.ndarray, *, metric: 
 def _features(query_features, gallery_features, metric):
     q = np.asarray(query_features, dtype=np.float32)
     g = np.asarray(gallery_features, dtype=np.float32)
-    check_inputs(q, g, np.zeros(len(q)), np.zeros(len(g)), None, None, metric)  # shapes and metric
-    if not (np.isfinite(q).all() and np.isfinite(g).all()):
-        raise ValueError("features must be finite (found NaN or inf)")
+    # shapes, metric, and NaN/inf (all-zero for cosine) rows named by side
+    check_inputs(q, g, np.zeros(len(q)), np.zeros(len(g)), None, None, metric)
     return q, g
 
 

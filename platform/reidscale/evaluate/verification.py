@@ -82,7 +82,8 @@ def roc_from_features(
     The result is the exact ROC of the rounded distances: at each returned threshold, FAR and
     TAR are exactly those of the unrounded distances; only thresholds between grid points are
     missing. Grid: [0, 2] for cosine, [0, (max |q| + max |g|)^2] for euclidean.
-    Peak memory: the features (twice for cosine) plus ~3x one chunk's distances.
+    Peak memory: the features, a float64 copy of the gallery (see ``evaluate_reid``) plus ~3x one
+    chunk's distances.
     """
     q, g, q_ids, g_ids, q_cams, g_cams = check_inputs(query_features, gallery_features, query_ids,
                                                       gallery_ids, query_cameras, gallery_cameras, metric)
@@ -153,3 +154,44 @@ def verification_metrics(roc: ROC, fars: tuple[float, ...] = DEFAULT_FARS) -> di
         out[f"tar@far={far:g}"] = tar_at_far(roc, far)
         out[f"threshold@far={far:g}"] = threshold_at_far(roc, far)
     return out
+
+
+def pair_distances(
+    query_features: np.ndarray,
+    gallery_features: np.ndarray,
+    query_ids: np.ndarray,
+    gallery_ids: np.ndarray,
+    query_cameras: np.ndarray | None = None,
+    gallery_cameras: np.ndarray | None = None,
+    *,
+    metric: str = "euclidean",
+    max_impostors: int = 200_000,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(genuine distances, a uniform sample of impostor distances, number of impostor pairs).
+
+    The pairs and distances of ``roc_from_features`` (and of ``evaluate_reid``'s ranking):
+    genuine = same identity, minus same identity AND same camera when cameras are given (the
+    ReID protocol's junk); impostor = different identity. Every genuine distance is returned;
+    each impostor is kept with probability ``max_impostors / num_impostor`` (all if fewer), so
+    a histogram of them has the impostor distribution's shape.
+    """
+    q, g, q_ids, g_ids, q_cams, g_cams = check_inputs(query_features, gallery_features, query_ids,
+                                                      gallery_ids, query_cameras, gallery_cameras, metric)
+    ids, counts = np.unique(g_ids, return_counts=True)
+    pos = np.clip(np.searchsorted(ids, q_ids), 0, len(ids) - 1)
+    same_per_query = np.where(ids[pos] == q_ids, counts[pos], 0)
+    num_impostor = int(len(q) * len(g) - same_per_query.sum())
+    keep = min(1.0, max_impostors / max(num_impostor, 1))
+    rng = np.random.default_rng(seed)
+    genuine, impostor = [], []
+    for chunk in distance_chunks(q, g, q_ids, g_ids, q_cams, g_cams, metric, chunk_size):
+        d = chunk.dist
+        genuine.append(d[chunk.rows[~chunk.junk], chunk.cols[~chunk.junk]])
+        d[chunk.rows, chunk.cols] = np.nan  # same identity: not an impostor pair
+        flat = d.ravel()
+        imp = flat[~np.isnan(flat)]
+        impostor.append(imp[rng.random(len(imp)) < keep] if keep < 1 else imp)
+        del chunk, d, flat
+    return np.concatenate(genuine), np.concatenate(impostor), num_impostor

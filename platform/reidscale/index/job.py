@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from reidscale import tracking
 from reidscale.config import ConfigError
-from reidscale.data.shards import atomic_write_json
+from reidscale.data.shards import atomic_write_json, sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index
 from reidscale.tracking import TrackingConfig
@@ -171,7 +171,10 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
             embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed)
         vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
         extra.update({"model_dir": cfg.model_dir, "data_dir": cfg.data_dir,
-                      "embeddings": {"dir": "embeddings", "files": embed_stats["files"]}})
+                      # sha256 per file, so a reader that reuses them (jobs/evaluate.py) can check them
+                      "embeddings": {"dir": "embeddings", "files": embed_stats["files"],
+                                     "sha256": embed_stats.get("file_sha256")
+                                     or {f: sha256_file(emb_dir / f) for f in embed_stats["files"]}}})
     manifest = build_index(
         vectors, metadata, out_dir, factory=cfg.factory, metric=cfg.metric, num_shards=cfg.num_shards,
         model_sha256=model_sha, memory_budget_bytes=int(cfg.memory_budget_gb * 2**30),

@@ -29,6 +29,10 @@ class SearchJobConfig:
     k: int = 10
     # true: the k best distinct identities (each with its best image); false: the k best images
     distinct_identities: bool = True
+    # drop gallery images of the query's own identity AND camera (the ReID protocol, as jobs/evaluate.py
+    # scores it) from the results and the rank-1 figure; empty: true for a dataset split, false otherwise
+    # (needs each query's identity and camera, which only a split has)
+    exclude_same_camera: bool | None = None
     # embedding model for images/split; empty: the model_dir recorded in the index manifest
     model_dir: str = ""
     format: Literal["table", "json"] = "table"
@@ -47,6 +51,8 @@ class SearchJobConfig:
             raise ConfigError("k: must be >= 1")
         if self.cameras and len(self.cameras) != len(self.images):
             raise ConfigError(f"cameras: {len(self.cameras)} ids for {len(self.images)} images; give one per image")
+        if self.exclude_same_camera and not self.split:
+            raise ConfigError("exclude_same_camera: needs each query's identity and camera: query a data_dir+split")
         for name in ("index_dir", "vectors", "data_dir"):
             value = getattr(self, name)
             if value and not Path(value).exists():
@@ -60,11 +66,18 @@ def distances(scores: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(np.maximum(scores, 0.0))
 
 
-def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list]:
-    """(vectors, labels naming each query, true identity or None per query)."""
+PROTOCOLS = {
+    True: "ReID protocol: gallery images of the query's identity and camera excluded, as jobs/evaluate.py",
+    False: "all gallery images, same-camera matches kept",
+}
+
+
+def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list, list]:
+    """(vectors, labels naming each query, true identity or None per query, camera or None per query)."""
     if cfg.vectors:
-        vectors = np.load(cfg.vectors)
-        return vectors, [f"{Path(cfg.vectors).name}[{i}]" for i in range(len(vectors))], [None] * len(vectors)
+        vectors = np.load(cfg.vectors, allow_pickle=False)
+        n = len(vectors)
+        return vectors, [f"{Path(cfg.vectors).name}[{i}]" for i in range(n)], [None] * n, [None] * n
     from reidscale.embed import embed_images, embed_split_in_process
 
     model_dir = gallery._model_dir(cfg.model_dir or None)
@@ -73,10 +86,42 @@ def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list]:
         if not ok.all():
             bad = [cfg.images[i] for i in np.flatnonzero(~ok)]
             raise ValueError(f"query image(s) missing or not decodable: {', '.join(bad[:5])}")
-        return vectors, list(cfg.images), [None] * len(vectors)
+        return vectors, list(cfg.images), [None] * len(vectors), list(cfg.cameras) or [None] * len(vectors)
     vectors, meta = embed_split_in_process(model_dir, cfg.data_dir, cfg.split)
     labels = meta.column("path").to_pylist()
-    return vectors, labels, meta.column("identity").to_pylist()
+    return vectors, labels, meta.column("identity").to_pylist(), meta.column("camera").to_pylist()
+
+
+def search_excluding_same_camera(gallery, vectors: np.ndarray, identities: np.ndarray, cameras: np.ndarray, k: int,
+                                 distinct: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(identities, scores, row ids), each Q×k, best first, without the gallery images whose identity
+    AND camera are the query's (the ReID protocol's junk). ``distinct``: one entry (its best image) per
+    identity. Searches deeper until k entries remain or the gallery is exhausted; pads with -1."""
+    larger = gallery.metric == "ip"
+    n = len(vectors)
+    out_ident = np.full((n, k), -1, np.int64)
+    out_score = np.full((n, k), -np.inf if larger else np.inf, np.float32)
+    out_row = np.full((n, k), -1, np.int64)
+    todo, fetch, total = np.arange(n), 4 * k, max(gallery.ntotal, 1)
+    while len(todo):
+        depth = min(fetch, total)
+        scores, rows = gallery.search(vectors[todo], depth)
+        idents, cams = gallery.identities(rows), gallery.cameras(rows)
+        again = []
+        for j, q in enumerate(todo):
+            keep = (rows[j] >= 0) & ~((idents[j] == identities[q]) & (cams[j] == cameras[q]))
+            pos = np.flatnonzero(keep)
+            if distinct:
+                _, first = np.unique(idents[j][pos], return_index=True)
+                pos = pos[np.sort(first)]
+            pos = pos[:k]
+            if len(pos) < k and depth < total:
+                again.append(q)
+            out_ident[q, : len(pos)] = idents[j][pos]
+            out_score[q, : len(pos)] = scores[j][pos]
+            out_row[q, : len(pos)] = rows[j][pos]
+        todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
+    return out_ident, out_score, out_row
 
 
 def search_queries(cfg: SearchJobConfig) -> dict:
@@ -84,8 +129,21 @@ def search_queries(cfg: SearchJobConfig) -> dict:
     from reidscale.index.gallery import Gallery
 
     gallery = Gallery(cfg.index_dir)
-    vectors, labels, truth = _queries(cfg, gallery)
-    if cfg.distinct_identities:
+    vectors, labels, truth, query_cams = _queries(cfg, gallery)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"{cfg.vectors or 'queries'}: query vectors must be N×D, got shape {vectors.shape}")
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{cfg.vectors or 'queries'}: {len(bad)} query vector(s) with NaN/inf, e.g. row(s) "
+                         f"{', '.join(map(str, bad[:5]))}; refusing to search them")
+    exclude = bool(cfg.split) if cfg.exclude_same_camera is None else cfg.exclude_same_camera
+    if exclude:
+        identities, scores, rows = search_excluding_same_camera(
+            gallery, vectors, np.asarray(truth, dtype=np.int64), np.asarray(query_cams, dtype=np.int64), cfg.k,
+            cfg.distinct_identities)
+    elif cfg.distinct_identities:
         identities, scores, rows = gallery.search_identities(vectors, cfg.k)
     else:
         scores, rows = gallery.search(vectors, cfg.k)
@@ -101,14 +159,30 @@ def search_queries(cfg: SearchJobConfig) -> dict:
         entry = {"query": labels[q], "matches": matches}
         if truth[q] is not None:
             entry["query_identity"] = int(truth[q])
+        if query_cams[q] is not None:
+            entry["query_camera"] = int(query_cams[q])
         results.append(entry)
     summary = {"index_dir": str(cfg.index_dir), "generation": gallery.generation, "metric": gallery.metric,
                "distance": "cosine" if gallery.metric == "ip" else "euclidean", "k": cfg.k,
-               "distinct_identities": cfg.distinct_identities, "num_queries": len(results), "results": results}
+               "distinct_identities": cfg.distinct_identities, "exclude_same_camera": exclude,
+               "num_queries": len(results), "results": results}
     if truth and truth[0] is not None:
-        summary["rank1_accuracy"] = float(np.mean([r["matches"] and r["matches"][0]["identity"] == r["query_identity"]
-                                                   for r in results]))
+        # rank-1 over the queries that have a true match left in the gallery (as jobs/evaluate.py skips the others)
+        has_match = _has_true_match(gallery, np.asarray(truth), np.asarray(query_cams), exclude)
+        hits = [bool(r["matches"]) and r["matches"][0]["identity"] == r["query_identity"] for r in results]
+        summary["rank1_accuracy"] = float(np.mean(np.asarray(hits)[has_match])) if has_match.any() else 0.0
+        summary["rank1_queries"] = int(has_match.sum())
+        summary["protocol"] = PROTOCOLS[exclude]
     return summary
+
+
+def _has_true_match(gallery, identities: np.ndarray, cameras: np.ndarray, exclude: bool) -> np.ndarray:
+    """Per query: does the gallery hold an image of its identity (in another camera, with ``exclude``)?"""
+    snap = gallery._snap
+    live = ~np.isin(snap.row_ids, snap.removed)
+    g_ids, g_cams = snap.identity[live], snap.camera[live]
+    return np.array([((g_ids == i) & ((g_cams != c) if exclude else True)).any() for i, c in zip(identities, cameras)],
+                    dtype=bool)
 
 
 def format_table(summary: dict) -> str:
@@ -121,7 +195,8 @@ def format_table(summary: dict) -> str:
     lines.append(f"{summary['num_queries']} queries, top {summary['k']} "
                  f"{'identities' if summary['distinct_identities'] else 'images'}, {summary['distance']} distance")
     if "rank1_accuracy" in summary:
-        lines.append(f"rank-1 accuracy against the query identities: {summary['rank1_accuracy']:.4f}")
+        lines.append(f"rank-1 accuracy against the query identities: {summary['rank1_accuracy']:.4f} "
+                     f"({summary['protocol']})")
     return "\n".join(lines)
 
 
