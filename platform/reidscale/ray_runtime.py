@@ -1,0 +1,236 @@
+"""The one way a reidscale process starts or joins Ray: loopback only, quiet, and gone with its driver.
+
+``init_ray()`` joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it for the
+job's driver) and otherwise starts a private Ray for this process alone: ``address="local"``,
+never ``ray.init()``'s default, which silently joins whatever cluster the last ``ray start`` on
+the machine recorded in /tmp/ray/ray_current_cluster, someone else's included.
+
+Loopback. Ray binds its servers (GCS, raylet, object manager, agents, workers, client server)
+to the node IP, and ``ray.init``/``ray start`` turn an asked-for 127.0.0.1 back into the
+machine's address (``services.resolve_ip_for_localhost`` calls ``get_node_ip_address``,
+which on Linux asks the routing table for the address facing 8.8.8.8). The one switch Ray has
+for a single-machine node IP is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (named for the
+platforms where it is the default): ``get_node_ip_address`` then answers 127.0.0.1 and every
+server binds loopback. It is read at ``import ray``, so a process that imported Ray before
+``init_ray`` also gets the module constant set. It is only used where the whole cluster is
+this machine: a private Ray, or joining a cluster whose address is loopback.
+
+Fate. A private Ray's gcs_server/raylet die with the driver (Ray sets PR_SET_PDEATHSIG), but
+the raylet's DashboardAgent and RuntimeEnvAgent notice and then block up to ~60 s reporting
+to the dead GCS while holding their sockets. ``init_ray`` therefore tags the private Ray's
+processes (an environment variable every Ray process inherits) and starts a small watchdog
+on a pipe from the driver: when the pipe closes (the driver exited, however it died) the
+watchdog gives Ray ``FATE_GRACE_S`` to stop by itself, then SIGTERMs and SIGKILLs what is left.
+
+Quiet. Ray's INFO chatter (the "Started a local Ray instance" banner, Ray Data's execution
+plans and progress bars glued to our own, Ray Train's per-report "Reporting training result"
+and "Checkpoint successfully created") is held at WARNING unless ``verbose=True`` or
+``REIDSCALE_RAY_VERBOSE=1``. Ray Train filters its workers' logs by the run's
+``RunConfig(logging_config=...)``: pass ``train_logging_config()`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+log = logging.getLogger(__name__)
+
+VERBOSE_ENV = "REIDSCALE_RAY_VERBOSE"
+# every process of a private Ray inherits this from the driver; the watchdog kills by it
+OWNER_ENV = "REIDSCALE_RAY_OWNER"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# seconds the watchdog waits for a private Ray to stop by itself once its driver is gone
+FATE_GRACE_S = 3.0
+_TERM_GRACE_S = 2.0
+
+_watchdog: subprocess.Popen | None = None
+
+
+def ray_verbose(verbose: bool | None = None) -> bool:
+    """``verbose`` if given, else ``REIDSCALE_RAY_VERBOSE`` (1/true/yes/on)."""
+    if verbose is not None:
+        return bool(verbose)
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def quiet_env(verbose: bool | None = None) -> dict[str, str]:
+    """Environment for Ray's worker processes that holds Ray Data's logs and bars back.
+
+    Ray Data configures its ``ray.data`` logger at import in every worker from these
+    (``RAY_DATA_LOG_LEVEL`` also applies to its ray-data.log files); empty when verbose.
+    """
+    if ray_verbose(verbose):
+        return {}
+    return {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_ray(verbose: bool | None = None) -> dict[str, str]:
+    """Hold Ray's own INFO logs and Ray Data's progress bars back in this process.
+
+    Sets (without overriding a value the user exported) the variables of ``quiet_env`` in
+    ``os.environ``, so a private Ray's workers inherit them, and applies them to the
+    ``ray``/``ray.data`` loggers and the current ``DataContext`` if Ray is already imported.
+    Returns the variables, for a runtime env. Does nothing when verbose.
+    """
+    env = quiet_env(verbose)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    if not env:
+        return env
+    # "ray" carries the banner and Ray Core's INFO lines; ray.data and ray.train set their
+    # own levels below it
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if "ray.data" in sys.modules:  # configured at its import, before these variables were set
+        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] in ("", "0")
+    return env
+
+
+def train_logging_config(verbose: bool | None = None):
+    """``ray.train.LoggingConfig`` for ``RunConfig(logging_config=...)``: WARNING unless verbose.
+
+    Ray Train configures ``ray.train`` in its controller and workers itself and filters the
+    console by this level; no environment variable or driver-side logger reaches it.
+    """
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if ray_verbose(verbose) else "WARNING")
+
+
+def use_loopback_node_ip() -> None:
+    """Make this process, and the Ray processes it starts, take 127.0.0.1 as the node IP."""
+    os.environ[LOOPBACK_ENV] = "0"
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        # read from the environment at `import ray`; services.get_node_ip_address reads this
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def is_loopback_address(address: str) -> bool:
+    """``127.x.x.x:port``, ``localhost:port``, ``[::1]:port`` (optionally with a scheme)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None,
+             include_dashboard: bool | None = None) -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a private loopback Ray that dies with this process.
+
+    Idempotent: does nothing if Ray is already initialised in this process. ``num_cpus``,
+    ``temp_dir`` and ``include_dashboard`` apply to a private Ray only. Ray's INFO chatter
+    stays at WARNING unless ``verbose`` (or ``REIDSCALE_RAY_VERBOSE=1``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = quiet_ray(verbose)
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        if is_loopback_address(address):
+            use_loopback_node_ip()
+        # a private Ray's workers inherit os.environ; a cluster's get these through the job
+        ray.init(address=address, runtime_env=_job_runtime_env(env), log_to_driver=True, configure_logging=False)
+        log.info("joined the Ray cluster at %s", address)
+        return
+    use_loopback_node_ip()
+    _watch_private_ray()
+    ctx = ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=include_dashboard,
+                   log_to_driver=True, configure_logging=False)
+    log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    """The ``use_gpu`` rule of every job: ``true``/``false`` as said, ``auto`` = the cluster has GPUs."""
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"use_gpu: {setting!r} is not one of auto, true, false")
+    return setting == "true" or (setting == "auto" and cluster_has_gpus())
+
+
+def _job_runtime_env(env: dict[str, str]) -> dict | None:
+    """``env`` as a runtime env, leaving out variables the submitted job already sets.
+
+    Ray refuses to merge a driver's runtime env with the job's when both set one variable.
+    """
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    env = {k: v for k, v in env.items() if k not in taken}
+    return {"env_vars": env} if env else None
+
+
+# --- fate-sharing watchdog --------------------------------------------------------------
+
+
+def _watch_private_ray() -> None:
+    """Tag the Ray about to start with an owner id and start its watchdog (once a process)."""
+    global _watchdog
+    if _watchdog is not None and _watchdog.poll() is None:
+        return
+    owner = f"{os.getpid()}-{uuid.uuid4().hex}"
+    os.environ[OWNER_ENV] = owner
+    # stdin is the pipe whose end-of-file says the driver is gone; its own session so a
+    # Ctrl-C or a hang-up aimed at the driver's terminal leaves it alive to clean up
+    _watchdog = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from reidscale.ray_runtime import watch; watch(sys.argv[1])", owner],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+
+
+def owned_pids(owner: str) -> list[int]:
+    """PIDs of this user's processes whose environment has ``REIDSCALE_RAY_OWNER=owner``."""
+    tag = f"{OWNER_ENV}={owner}".encode()
+    me = os.getpid()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if tag in fh.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:  # gone, or another user's
+            continue
+    return pids
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(owner: str, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := owned_pids(owner)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def watch(owner: str) -> None:
+    """The watchdog's body: block until the driver's pipe closes, then end the owner's processes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdin.buffer.read()  # returns at end-of-file: every copy of the write end is closed
+    left = _wait_gone(owner, FATE_GRACE_S)
+    if left:
+        _signal_all(left, signal.SIGTERM)
+        left = _wait_gone(owner, _TERM_GRACE_S)
+    _signal_all(left, signal.SIGKILL)
