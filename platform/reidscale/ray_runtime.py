@@ -140,13 +140,14 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
         if is_loopback_address(address):
             use_loopback_node_ip()
         # a private Ray's workers inherit os.environ; a cluster's get these through the job
-        ray.init(address=address, runtime_env=_job_runtime_env(env), log_to_driver=True, configure_logging=False)
+        ray.init(address=address, runtime_env=_runtime_env(env), log_to_driver=True, configure_logging=False)
         log.info("joined the Ray cluster at %s", address)
         return
     use_loopback_node_ip()
     _watch_private_ray()
     ctx = ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=include_dashboard,
-                   log_to_driver=True, configure_logging=False)
+                   runtime_env=_runtime_env(env), log_to_driver=True, configure_logging=False)
+    _tell_watchdog(ray._private.worker.global_worker.node.get_session_dir_path())
     log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
 
 
@@ -163,15 +164,34 @@ def resolve_use_gpu(setting: str) -> bool:
     return setting == "true" or (setting == "auto" and cluster_has_gpus())
 
 
-def _job_runtime_env(env: dict[str, str]) -> dict | None:
-    """``env`` as a runtime env, leaving out variables the submitted job already sets.
+def _runtime_env(env: dict[str, str]) -> dict | None:
+    """The job's runtime env when quiet: ``env`` and the ``quiet_worker`` setup hook.
 
-    Ray refuses to merge a driver's runtime env with the job's when both set one variable.
+    Leaves out what a submitted job already sets: Ray refuses to merge a driver's runtime env
+    with the job's when both set one variable or one field.
     """
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
-    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
-    env = {k: v for k, v in env.items() if k not in taken}
-    return {"env_vars": env} if env else None
+    if not env:
+        return None
+    job = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}").get("runtime_env") or {})
+    taken = set(job.get("env_vars") or {})
+    runtime_env: dict = {"env_vars": {k: v for k, v in env.items() if k not in taken}}
+    if "worker_process_setup_hook" not in job:
+        runtime_env["worker_process_setup_hook"] = "reidscale.ray_runtime.quiet_worker"
+    return runtime_env if runtime_env["env_vars"] or len(runtime_env) > 1 else None
+
+
+def quiet_worker() -> None:
+    """Ray ``worker_process_setup_hook``: Ray's INFO chatter at WARNING in each worker process."""
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray Train 2.60 logs every report ("Reporting training result N: ...") through a logger
+    # named by its file path, outside "ray.train", so RunConfig's logging_config misses it
+    context_py = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context_py).setLevel(logging.WARNING)
+    # Ray's state API (Ray Train's placement-group cleaner uses it) looks for "the" cluster by
+    # scanning the machine's processes and fails once several engineers run Ray: name ours
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 # --- fate-sharing watchdog --------------------------------------------------------------
@@ -193,24 +213,68 @@ def _watch_private_ray() -> None:
     )
 
 
-def owned_pids(owner: str) -> list[int]:
-    """PIDs of this user's processes whose environment has ``REIDSCALE_RAY_OWNER=owner``."""
-    tag = f"{OWNER_ENV}={owner}".encode()
-    me = os.getpid()
-    pids = []
+def _tell_watchdog(session_dir: str) -> None:
+    if _watchdog is not None and _watchdog.poll() is None:
+        _watchdog.stdin.write(session_dir.encode() + b"\n")
+        _watchdog.stdin.flush()
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    parents[int(name)] = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def _has_env(pid: int, tag: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return tag in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _holds_file_under(pid: int, prefixes: tuple[str, ...]) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
         try:
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                if tag in fh.read().split(b"\0"):
-                    pids.append(int(name))
-        except OSError:  # gone, or another user's
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefixes):
+                return True
+        except OSError:
             continue
-    return pids
+    return False
 
 
-def _signal_all(pids: list[int], sig: int) -> None:
+def session_pids(owner: str, session_dirs: tuple[str, ...] = ()) -> set[int]:
+    """PIDs of one Ray: its environment tag, or a file open under one of its session dirs,
+    and every descendant of those (not this process).
+
+    Three signs because none is enough alone: agents and workers rewrite their title with
+    setproctitle, which can overwrite what /proc/PID/environ shows; a forkserver child may
+    hold no log file; and a process orphaned by the raylet's death has lost its parent.
+    """
+    tag = f"{OWNER_ENV}={owner}".encode()
+    prefixes = tuple(d.rstrip("/") + "/" for d in session_dirs)
+    parents = _parents()
+    own = {pid for pid in parents if _has_env(pid, tag) or (prefixes and _holds_file_under(pid, prefixes))}
+    added = True
+    while added:
+        grown = {pid for pid, parent in parents.items() if parent in own} - own
+        own |= grown
+        added = bool(grown)
+    own.discard(os.getpid())
+    return own
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -218,19 +282,23 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _wait_gone(owner: str, seconds: float) -> list[int]:
+def _wait_gone(owner: str, session_dirs: tuple[str, ...], seconds: float) -> set[int]:
     deadline = time.monotonic() + seconds
-    while (left := owned_pids(owner)) and time.monotonic() < deadline:
+    while (left := session_pids(owner, session_dirs)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
 
 def watch(owner: str) -> None:
-    """The watchdog's body: block until the driver's pipe closes, then end the owner's processes."""
+    """The watchdog's body: block until the driver's pipe closes, then end that Ray's processes.
+
+    The driver writes each session dir it starts, one a line; end-of-file means every copy of
+    the pipe's write end is closed, i.e. the driver is gone, however it died.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stdin.buffer.read()  # returns at end-of-file: every copy of the write end is closed
-    left = _wait_gone(owner, FATE_GRACE_S)
+    sessions = tuple(line.decode().strip() for line in sys.stdin.buffer if line.strip())
+    left = _wait_gone(owner, sessions, FATE_GRACE_S)
     if left:
         _signal_all(left, signal.SIGTERM)
-        left = _wait_gone(owner, _TERM_GRACE_S)
+        left = _wait_gone(owner, sessions, _TERM_GRACE_S)
     _signal_all(left, signal.SIGKILL)
