@@ -188,7 +188,10 @@ def quiet_worker() -> None:
     # Ray Train 2.60 logs every report ("Reporting training result N: ...") through a logger
     # named by its file path, outside "ray.train", so RunConfig's logging_config misses it
     context_py = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
-    logging.getLogger(context_py).setLevel(logging.WARNING)
+    # and "Checkpoint successfully created" per report: a level set on the module's own logger
+    # holds even after Ray Train sets "ray.train" to DEBUG (its RunConfig level filters the rest)
+    for name in (context_py, "ray.train.v2._internal.execution.storage", "ray.train._internal.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Ray's state API (Ray Train's placement-group cleaner uses it) looks for "the" cluster by
     # scanning the machine's processes and fails once several engineers run Ray: name ours
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -10,6 +10,7 @@ from pathlib import Path
 from reidscale import tracking
 from reidscale.config import dump_yaml
 from reidscale.data import shards
+from reidscale.ray_runtime import cluster_has_gpus, init_ray
 from reidscale.train.config import TrainJobConfig
 
 
@@ -42,20 +43,6 @@ def omp_env(threads: float) -> dict:
     """
     n = str(max(1, int(threads)))
     return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}}
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def run_training(cfg: TrainJobConfig) -> dict:
