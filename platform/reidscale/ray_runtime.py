@@ -87,12 +87,18 @@ def quiet_ray(verbose: bool | None = None) -> dict[str, str]:
     # "ray" carries the banner and Ray Core's INFO lines; ray.data and ray.train set their
     # own levels below it
     logging.getLogger("ray").setLevel(logging.WARNING)
+    _hush_bar_notice()
     if "ray.data" in sys.modules:  # configured at its import, before these variables were set
         logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] in ("", "0")
     return env
+
+
+def _hush_bar_notice() -> None:
+    # each process that runs a dataset warns once that the bars we turned off are off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def train_logging_config(verbose: bool | None = None):
@@ -135,18 +141,21 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
     if ray.is_initialized():
         return
     env = quiet_ray(verbose)
+    # the driver's "ray" logger (banner, Ray Core INFO); log_to_driver stays on: our own
+    # progress lines come from the training workers
+    level = logging.INFO if ray_verbose(verbose) else logging.WARNING
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         if is_loopback_address(address):
             use_loopback_node_ip()
         # a private Ray's workers inherit os.environ; a cluster's get these through the job
-        ray.init(address=address, runtime_env=_runtime_env(env), log_to_driver=True, configure_logging=False)
+        ray.init(address=address, runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level)
         log.info("joined the Ray cluster at %s", address)
         return
     use_loopback_node_ip()
     _watch_private_ray()
     ctx = ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=include_dashboard,
-                   runtime_env=_runtime_env(env), log_to_driver=True, configure_logging=False)
+                   runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level)
     _tell_watchdog(ray._private.worker.global_worker.node.get_session_dir_path())
     log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
 
@@ -185,6 +194,7 @@ def quiet_worker() -> None:
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)
+    _hush_bar_notice()
     # Ray Train 2.60 logs every report ("Reporting training result N: ...") through a logger
     # named by its file path, outside "ray.train", so RunConfig's logging_config misses it
     context_py = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
@@ -192,9 +202,6 @@ def quiet_worker() -> None:
     # holds even after Ray Train sets "ray.train" to DEBUG (its RunConfig level filters the rest)
     for name in (context_py, "ray.train.v2._internal.execution.storage", "ray.train._internal.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray's state API (Ray Train's placement-group cleaner uses it) looks for "the" cluster by
-    # scanning the machine's processes and fails once several engineers run Ray: name ours
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 # --- fate-sharing watchdog --------------------------------------------------------------
