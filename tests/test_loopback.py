@@ -112,6 +112,9 @@ init_ray(num_cpus=1, temp_dir=sys.argv[1])
 def where():
     return os.getpid()
 ray.get(where.remote())
+# stands in for an agent that ignores its raylet's death (and SIGTERM): only the watchdog ends it
+import subprocess
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
 print("SESSION", ray._private.worker.global_worker.node.get_session_dir_path(), flush=True)
 time.sleep(600)
 """
