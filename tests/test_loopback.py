@@ -309,3 +309,15 @@ def test_use_gpu_setting_is_refused_unless_auto_true_or_false():
     assert resolve_use_gpu("true") is True and resolve_use_gpu("false") is False
     with pytest.raises(ValueError, match="use_gpu"):
         resolve_use_gpu("yes")
+
+
+def test_quiet_runtime_env_leaves_what_a_submitted_job_sets(monkeypatch):
+    from reidscale.ray_runtime import _runtime_env, quiet_env
+
+    env = quiet_env(False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _runtime_env(env) == {"env_vars": env, "worker_process_setup_hook": "reidscale.ray_runtime.quiet_worker"}
+    assert _runtime_env({}) is None
+    job = {"runtime_env": {"env_vars": {"RAY_DATA_LOG_LEVEL": "DEBUG"}, "worker_process_setup_hook": "x.y"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _runtime_env(env) == {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}

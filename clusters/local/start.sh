@@ -51,7 +51,7 @@ fi
 mkdir -p "$temp_dir"
 if [ -s "$state" ]; then
   old_tag="$(sed -n 's/^tag=//p' "$state")"
-  if [ -n "$old_tag" ] && [ -n "$("$here/stop.sh" --list "$old_tag" "$(sed -n 's/^session_dir=//p' "$state")")" ]; then
+  if [ -n "$old_tag" ] && [ -n "$(bash "$here/stop.sh" --list "$old_tag" "$(sed -n 's/^session_dir=//p' "$state")")" ]; then
     echo "start.sh: a head started by start.sh on port $port is still running ($state); stop it with clusters/local/stop.sh" >&2
     exit 1
   fi
@@ -67,14 +67,15 @@ args=(--head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1
 
 fail() {
   echo "start.sh: $1; stopping what it started (logs: $temp_dir/session_latest/logs)" >&2
-  "$here/stop.sh" --tag "$tag" "${session_dir:-}" >/dev/null 2>&1 || true
+  bash "$here/stop.sh" --tag "$tag" "${session_dir:-}" >/dev/null 2>&1 || true
+  if [ -f "$state" ] && grep -qxF "tag=$tag" "$state"; then rm -f "$state"; fi
   exit 1
 }
 ray start "${args[@]}" "$@" || fail "ray start failed"
 # from this head's raylet, not session_latest, which another head in the same temp dir may move
-session_dir="$(for p in $("$here/stop.sh" --list "$tag"); do
+session_dir="$(for p in $(bash "$here/stop.sh" --list "$tag"); do
   cat "/proc/$p/cmdline" 2>/dev/null | tr '\0' '\n' | sed -n 's/^--session_dir=//p'; done | head -n1 || true)"
-pids="$("$here/stop.sh" --list "$tag" "$session_dir" | sort -n | tr '\n' ' ')"
+pids="$(bash "$here/stop.sh" --list "$tag" "$session_dir" | sort -n | tr '\n' ' ')"
 {
   echo "tag=$tag"
   echo "session_dir=$session_dir"

@@ -184,7 +184,8 @@ def _runtime_env(env: dict[str, str]) -> dict | None:
     job = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}").get("runtime_env") or {})
     taken = set(job.get("env_vars") or {})
     runtime_env: dict = {"env_vars": {k: v for k, v in env.items() if k not in taken}}
-    if "worker_process_setup_hook" not in job:
+    # a hook the job brought is kept (Ray stores an uploaded one as this variable)
+    if "worker_process_setup_hook" not in job and "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" not in taken:
         runtime_env["worker_process_setup_hook"] = "reidscale.ray_runtime.quiet_worker"
     return runtime_env if runtime_env["env_vars"] or len(runtime_env) > 1 else None
 
