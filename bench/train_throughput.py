@@ -24,7 +24,8 @@ from _common import print_table, write_results  # noqa: E402
 from reidscale.config import load_config  # noqa: E402
 from reidscale.models.reid import build_reid_model  # noqa: E402
 from reidscale.train.config import TrainJobConfig  # noqa: E402
-from reidscale.train.loop import compute_loss, deepspeed_config, make_optimizer  # noqa: E402
+from reidscale.train.engine import deepspeed_config, make_optimizer  # noqa: E402
+from reidscale.train.recipes import compute_loss  # noqa: E402
 from reidscale.train.trainer import omp_env  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "train.yaml"
@@ -67,9 +68,7 @@ def _ray_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from reidscale.config import _build
-
-    cfg = _build(TrainJobConfig, config["cfg"])
+    cfg = config["cfg"]
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     model = build_reid_model(cfg.model, cfg.transform, NUM_CLASSES)
@@ -89,14 +88,13 @@ def _ray_worker(config: dict) -> None:
 
 def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, threads: int, storage: str) -> list[float]:
     import ray.train
-    from dataclasses import asdict
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = Path(storage, f"{workers}w")
     out.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": asdict(cfg), "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
+        train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
                                                resources_per_worker={"CPU": threads}),
         torch_config=TorchConfig(backend="gloo"),

@@ -16,7 +16,7 @@ from reidscale.models.backbone import ModelConfig
 from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features, build_clip
 from reidscale.models.reid import ReIDModel
 from reidscale.train.config import TrainJobConfig
-from reidscale.train.loop import compute_loss
+from reidscale.train.recipes import compute_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=16)

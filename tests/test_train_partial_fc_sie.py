@@ -15,7 +15,8 @@ from reidscale.losses import cross_entropy_label_smooth
 from reidscale.models.backbone import ModelConfig
 from reidscale.models.reid import build_reid_model, side_inputs
 from reidscale.train.config import TrainJobConfig
-from reidscale.train.loop import compute_loss, make_optimizer
+from reidscale.train.engine import make_optimizer
+from reidscale.train.recipes import compute_loss
 
 TOY = ["model.width=32", "model.layers=1", "model.heads=2", "model.patch_size=8", "model.embed_dim=16",
        "transform.height=32", "transform.width=16"]

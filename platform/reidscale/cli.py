@@ -2,25 +2,62 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
 from typing import Callable, TypeVar
 
-from reidscale.config import ConfigError, parse_job_args
+from reidscale.config import ConfigError, help_text, parse_job_args
 
 T = TypeVar("T")
 
+# Errors a user can act on: printed as one line, no traceback. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
-def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None = None) -> int:
+
+def _expected() -> tuple[type[BaseException], ...]:
+    from reidscale.data.shards import ShardError
+    from reidscale.train.checkpoint import CheckpointError
+    from reidscale.train.trainer import TrainingError
+
+    extra = [ShardError, CheckpointError, TrainingError]
+    try:
+        from reidscale.index.manifest import GalleryError
+
+        extra.append(GalleryError)
+    except ImportError:  # pragma: no cover
+        pass
+    return EXPECTED_ERRORS + tuple(extra)
+
+
+def human_summary(summary: dict, limit: int = 20) -> list[str]:
+    """A few readable lines from a job's summary: top-level numbers and short strings; the
+    whole summary (sha256s, nested results) is in the job's JSON file."""
+    out = []
+    for key, value in summary.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float):
+            out.append(f"  {key}: {value:.4g}")
+        elif isinstance(value, int):
+            out.append(f"  {key}: {value}")
+        elif isinstance(value, str) and len(value) <= 160 and "sha256" not in key:
+            out.append(f"  {key}: {value}")
+    return out[:limit]
+
+
+def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None = None, doc: str = "") -> int:
     """Parse ``[--config FILE] [key=value ...]`` into ``config_cls``, call ``fn``.
 
-    A bad config is refused before any work (exit 2); a failure in the job prints one
-    line naming what went wrong (exit 1) after the traceback.
+    ``--help`` anywhere prints the job's docstring and every key. A bad config is refused before
+    any work (exit 2); an error the user can act on prints one line naming what went wrong (exit 1).
     """
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: [--config FILE.yaml] [key=value ...]\nconfig: {config_cls.__module__}.{config_cls.__name__}")
+    if not doc:
+        doc = getattr(sys.modules.get("__main__"), "__doc__", "") or ""
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(config_cls, doc))
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = parse_job_args(config_cls, argv)
     except ConfigError as exc:
@@ -28,9 +65,11 @@ def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None
         return 2
     try:
         summary = fn(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except _expected() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if summary is not None:
-        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    if summary:
+        lines = human_summary(summary)
+        if lines:
+            print("summary:\n" + "\n".join(lines))
     return 0

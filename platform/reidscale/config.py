@@ -25,6 +25,31 @@ class ConfigError(ValueError):
     """A config key or value is unknown, of the wrong type, or out of range."""
 
 
+class UnknownKeyError(ConfigError):
+    def __init__(self, keys: list[str], known: list[str], hint: str = ""):
+        self.keys, self.known = keys, known
+        super().__init__(f"unknown config key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+                         + (f"; {hint}" if hint else f" (known: {', '.join(known)})"))
+
+
+def _suggest(key: str, dotted_keys: list[str], siblings: list[str] = ()) -> str | None:
+    """The nearest existing key to a misspelt one: by the whole dotted name, else by its last part
+    (``epochs=3`` at the top level finds ``train.epochs``)."""
+    import difflib
+
+    close = difflib.get_close_matches(key, dotted_keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(dotted_keys)}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+    if close:
+        return by_leaf[close[0]]
+    # a misspelt section (`trian.epochs`): the nearest name at the same level
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    return (key.rsplit(".", 1)[0] + "." if "." in key else "") + close[0] if close else None
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -74,7 +99,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+        return build_config(tp, value, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -100,15 +125,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
-def _build(cls: type[T], values: dict, prefix: str = "") -> T:
+def build_config(cls: type[T], values: dict, prefix: str = "") -> T:
+    """``cls`` from a mapping of its fields (nested mappings for sections), every value checked."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(prefix + k for k in unknown)} (known: {', '.join(sorted(fields))})"
-        )
+        raise UnknownKeyError([prefix + k for k in unknown], sorted(fields))
     kwargs = {}
     for name, f in fields.items():
         if name in values:
@@ -173,9 +196,79 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     for text in overrides or []:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)
-    cfg = _build(cls, tree)
+    try:
+        cfg = build_config(cls, tree)
+    except UnknownKeyError as exc:
+        dotted = [d.key for d in describe(cls)]
+        hints = [f"did you mean {s}?" for s in (_suggest(k, dotted, exc.known) for k in exc.keys) if s]
+        if hints:
+            raise UnknownKeyError(exc.keys, exc.known, " ".join(hints)) from None
+        raise
     validate_tree(cfg)
     return cfg
+
+
+@dataclasses.dataclass
+class KeyDoc:
+    key: str  # dotted
+    type: str
+    default: Any
+    comment: str
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# ...`` lines right above each field in the class body (what the code says of it)."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, pending = {}, []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if ":" in text and name.isidentifier() and not text.startswith(("def ", "class ", "@")):
+            out[name] = " ".join(pending)
+        pending = []
+    return out
+
+
+def _shown_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(c) for c in get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name((get_args(tp) or (Any,))[0])}"
+    return _type_name(tp)
+
+
+def describe(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every key of a config class, depth first: dotted name, type, default and comment."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    defaults = cls()
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe(tp, f"{prefix}{f.name}."))
+            continue
+        out.append(KeyDoc(prefix + f.name, _shown_type(tp), getattr(defaults, f.name), comments.get(f.name, "")))
+    return out
+
+
+def help_text(cls: type, doc: str = "") -> str:
+    """``--help``: the job's docstring (usage and examples), then every key with type, default, comment."""
+    lines = [doc.strip(), ""] if doc and doc.strip() else ["usage: [--config FILE.yaml] [key=value ...]", ""]
+    lines.append("keys (YAML sections or dotted key=value overrides):")
+    for d in describe(cls):
+        default = json.dumps(d.default) if isinstance(d.default, (list, tuple, dict, str)) else d.default
+        lines.append(f"  {d.key} ({d.type}, default {default})" + (f"  # {d.comment}" if d.comment else ""))
+    return "\n".join(lines)
 
 
 def parse_job_args(cls: type[T], argv: list[str]) -> T:

@@ -117,3 +117,36 @@ def run_url(uri: str, run_id: str, experiment_id: str | None = None) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id} in {uri}"
+
+
+def run_exists(c, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def reopen_run(c, run_id: str, params: Any) -> None:
+    """Mark a resumed run RUNNING again and record what changed.
+
+    MLflow params are immutable, so a value that differs from the one logged at the start
+    (``train.epochs`` when a run is trained further) becomes a ``reidscale.resume.<key>`` tag
+    ("old -> new"); keys the run did not have yet are logged as params.
+    """
+    from mlflow.entities import Param, RunTag
+
+    run = c.get_run(run_id)
+    before = run.data.params
+    new, changed = [], []
+    for key, value in flatten(params).items():
+        value = str(value)[:6000]
+        if key not in before:
+            new.append(Param(key, value))
+        elif before[key] != value:
+            changed.append(RunTag(f"reidscale.resume.{key}", f"{before[key]} -> {value}"))
+    resumes = int(run.data.tags.get("reidscale.resumes", "0")) + 1
+    c.log_batch(run_id, params=new, tags=changed + [RunTag("reidscale.resumes", str(resumes))])
+    c.update_run(run_id, status="RUNNING")

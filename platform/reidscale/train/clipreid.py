@@ -14,66 +14,37 @@ Stage 2 is the ordinary training loop with one more loss term (``i2t`` in ``loop
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from reidscale.config import ConfigError
+from reidscale.data.shards import atomic_write_bytes
+from reidscale.train.engine import barrier, deepspeed_config, lockstep
+from reidscale.train.schedule import lr_factor
 
-log = logging.getLogger("reidscale.train")
+log = logging.getLogger("reidscale.train")  # one logger name for the job log's training lines
 TEXT_FEATURES = "text_features.safetensors"
 
 
-@dataclass
-class ClipReIDConfig:
-    """Stage-1 settings and the stage-2 image→text loss weight (CLIP-ReID's ViT-B/16 recipe by default)."""
-
-    stage1_epochs: int = 120
-    stage1_lr: float = 3.5e-4
-    stage1_weight_decay: float = 1e-4
-    stage1_warmup_epochs: float = 5.0
-    # images per worker per stage-1 step (drawn at random, not P×K)
-    stage1_batch: int = 64
-    n_ctx: int = 4
-    noun: str = "person"
-    i2t_weight: float = 1.0
-    # the tiny text tower used when model.open_clip_model is empty (tests, CPU demo)
-    text_width: int = 64
-    text_layers: int = 1
-    text_heads: int = 2
-
-    def validate(self) -> None:
-        if self.stage1_epochs < 0 or self.stage1_batch < 2 or self.n_ctx < 1:
-            raise ConfigError("stage1_epochs >= 0, stage1_batch >= 2, n_ctx >= 1")
-        if self.stage1_lr <= 0 or self.i2t_weight < 0:
-            raise ConfigError("stage1_lr must be > 0 and i2t_weight >= 0")
-        if self.text_width % self.text_heads:
-            raise ConfigError(f"text_width: {self.text_width} is not divisible by text_heads={self.text_heads}")
-
-
-def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, precision: str,
-               visual=None) -> torch.Tensor:
+def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
     """Train the prompts (or load their result) and return text features (classes × D, float32).
 
     ``visual`` is the ReID image tower wrapped around ``clip.visual`` (``wrap_tower``; its
     overlapping patches change the shared patch conv), else ``clip.visual`` itself; stage 1
     uses its projected class token, without side information (as CLIP-ReID's stage 1 does).
+    ``ctx`` is the worker's context (``loop.Worker``: plan, rank, world, device, precision).
     """
     import deepspeed
 
     from reidscale.data.pipeline import PKStream, worker_epoch_dataset
     from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
     from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
-    from reidscale.train.loop import deepspeed_config, lockstep
-    from reidscale.train.schedule import lr_factor
-
+    cfg, rank, world, device = ctx.cfg, ctx.rank, ctx.world, ctx.device
     c = cfg.clipreid
-    num_classes = loop_config["num_classes"]
+    num_classes = ctx.plan.num_classes
     out = Path(cfg.run_dir) / "clipreid" / TEXT_FEATURES
     if out.is_file():
         log.info(f"stage 1 already done: text features from {out}")
@@ -85,21 +56,20 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
     for p in visual.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam([stage1.prompts.ctx], lr=c.stage1_lr, weight_decay=c.stage1_weight_decay)
-    steps_per_epoch = max(1, loop_config["stage1_steps_per_epoch"])
+    steps_per_epoch = max(1, ctx.plan.stage1_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps=steps_per_epoch * c.stage1_epochs, warmup_steps=int(c.stage1_warmup_epochs * steps_per_epoch),
         schedule="cosine"))
-    ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1, zero_stage=min(cfg.train.zero_stage, 2))),
-                              precision)
+    ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1,
+                                                         zero_stage=min(cfg.train.zero_stage, 2))), ctx.precision)
     engine, _, _, _ = deepspeed.initialize(model=stage1.to(device), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg, dist_init_required=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",
                       transform=cfg.transform)
     step, t0 = 0, time.time()
     for epoch in range(c.stage1_epochs):
-        dataset = worker_epoch_dataset(loop_config["row_groups"], cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
+        dataset = worker_epoch_dataset(ctx.plan.row_groups, cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
                                        rank=rank, world=world, train=False, cpus_per_task=cfg.train.data_cpus_per_task)
         real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
         for batch in lockstep(real, stream, device):
@@ -119,11 +89,8 @@ def run_stage1(clip, cfg, loop_config: dict, *, rank: int, world: int, device, p
     features = all_text_features(engine.module, num_classes, rank=rank, world=world)
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        save_file({"text_features": features.contiguous()}, str(tmp))
-        os.replace(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
+        atomic_write_bytes(out, save({"text_features": features.contiguous()}))
+    barrier()
     for p in visual.parameters():
         p.requires_grad_(True)
     visual.train()

@@ -9,7 +9,6 @@ from reidscale.config import ConfigError
 from reidscale.data.transforms import TransformConfig
 from reidscale.models.backbone import ModelConfig
 from reidscale.tracking import TrackingConfig
-from reidscale.train.clipreid import ClipReIDConfig
 
 
 @dataclass
@@ -107,6 +106,33 @@ class TrainConfig:
             raise ConfigError(f"window_identities: {self.window_identities} is smaller than p={self.p}")
         if self.data_cpus_per_task <= 0:
             raise ConfigError("data_cpus_per_task: must be > 0")
+
+
+@dataclass
+class ClipReIDConfig:
+    """Stage-1 settings and the stage-2 image→text loss weight (CLIP-ReID's ViT-B/16 recipe by default)."""
+
+    stage1_epochs: int = 120
+    stage1_lr: float = 3.5e-4
+    stage1_weight_decay: float = 1e-4
+    stage1_warmup_epochs: float = 5.0
+    # images per worker per stage-1 step (drawn at random, not P×K)
+    stage1_batch: int = 64
+    n_ctx: int = 4
+    noun: str = "person"
+    i2t_weight: float = 1.0
+    # the tiny text tower used when model.open_clip_model is empty (tests, CPU demo)
+    text_width: int = 64
+    text_layers: int = 1
+    text_heads: int = 2
+
+    def validate(self) -> None:
+        if self.stage1_epochs < 0 or self.stage1_batch < 2 or self.n_ctx < 1:
+            raise ConfigError("stage1_epochs >= 0, stage1_batch >= 2, n_ctx >= 1")
+        if self.stage1_lr <= 0 or self.i2t_weight < 0:
+            raise ConfigError("stage1_lr must be > 0 and i2t_weight >= 0")
+        if self.text_width % self.text_heads:
+            raise ConfigError(f"text_width: {self.text_width} is not divisible by text_heads={self.text_heads}")
 
 
 @dataclass

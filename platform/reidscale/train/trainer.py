@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reidscale import tracking
 from reidscale.config import dump_yaml
 from reidscale.data import shards
+from reidscale.data.pipeline import row_groups
 from reidscale.ray_runtime import cluster_has_gpus, init_ray
 from reidscale.train.config import TrainJobConfig
+from reidscale.train.recovery import ResumePoint, describe, find_resume_point
+from reidscale.train.state import WorkerPlan
 
 
 def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -45,79 +48,94 @@ def omp_env(threads: float) -> dict:
     return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}}
 
 
-def run_training(cfg: TrainJobConfig) -> dict:
-    """Train, checkpoint and export; returns a summary dict (also written as JSON)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass
+class TrainInputs:
+    """What the driver checked before starting anything: the data and where training starts."""
 
-    from reidscale.data.pipeline import row_groups
+    manifest: dict
+    num_classes: int
+    row_groups: list
+    steps_per_epoch: int
+    resume: ResumePoint
 
-    cfg = resolve_paths(cfg)
-    run_dir = Path(cfg.run_dir)
+
+def check_inputs(cfg: TrainJobConfig) -> TrainInputs:
+    """Every check that can fail before Ray or MLflow start (cfg has absolute paths)."""
     # refuse bad shards before any worker starts
     shards.verify_split(cfg.data_dir, "train")
     manifest = shards.read_manifest(cfg.data_dir)
     num_classes = manifest["num_classes"]
     if num_classes < cfg.train.p:
         raise ValueError(f"train.p={cfg.train.p} exceeds the {num_classes} training identities in {cfg.data_dir}")
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "train_config.yaml")
-    uri = tracking.tracking_uri(cfg.tracking, run_dir)
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.run_name, params=cfg,
-                                tags={"reidscale.job": "train", "reidscale.data_dir": cfg.data_dir})
-    c = tracking.client(uri)
-    c.log_artifact(run_id, str(run_dir / "train_config.yaml"))
-    c.log_artifact(run_id, str(Path(cfg.data_dir) / "manifest.json"))
-    tracking.log_metrics(c, run_id, tracking.dataset_metrics(manifest), step=0)
-    print(f"MLflow run: {tracking.run_url(uri, run_id)}", flush=True)
-    print(f"  view it with: {tracking.ui_command(uri)}", flush=True)
-
-    init_ray()
-    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
-    steps_per_epoch = estimate_steps_per_epoch(cfg.data_dir, cfg.train.p, cfg.train.k, cfg.train.num_workers)
     groups = row_groups(cfg.data_dir, "train")
     if len(groups) < cfg.train.num_workers:
         raise ValueError(f"{cfg.data_dir}: the train split has {len(groups)} row groups for {cfg.train.num_workers} "
                          "workers; write smaller row groups (prepare_data rows_per_group=...) or use fewer workers")
-    resume = None
-    if cfg.train.resume_from:
-        from reidscale.train.checkpoint import verify_complete
+    if cfg.train.eval_every_epochs:
+        for split in ("query", "gallery"):
+            shards.verify_split(cfg.data_dir, split)  # validation must not score a damaged split
+    point = find_resume_point(str(Path(cfg.train.storage_path) / cfg.run_name) if "://" not in cfg.train.storage_path
+                              else f"{cfg.train.storage_path.rstrip('/')}/{cfg.run_name}",
+                              cfg.train.resume_from, epochs=cfg.train.epochs, run_name=cfg.run_name)
+    steps = estimate_steps_per_epoch(cfg.data_dir, cfg.train.p, cfg.train.k, cfg.train.num_workers)
+    return TrainInputs(manifest, num_classes, groups, steps, point)
 
-        state = verify_complete(cfg.train.resume_from)  # refuse before any worker starts
-        print(f"resuming from {cfg.train.resume_from} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}",
-              flush=True)
-        resume = ray.train.Checkpoint(cfg.train.resume_from)
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        _loop_entry,
-        train_loop_config={
-            "cfg": asdict(cfg),
-            "num_classes": num_classes,
-            "steps_per_epoch": steps_per_epoch,
-            "row_groups": groups,
-            "stage1_steps_per_epoch": math.ceil(sum(g[2] for g in groups) / (cfg.train.num_workers * cfg.clipreid.stage1_batch)),
-            "run_id": run_id,
-            "tracking_uri": uri,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.run_name}",
-            storage_path=cfg.train.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env=omp_env(cfg.train.cpus_per_worker),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        resume_from_checkpoint=resume,
-    )
-    t0 = time.time()
-    result = trainer.fit()
-    wall = time.time() - t0
+
+def open_mlflow_run(cfg: TrainJobConfig, inputs: TrainInputs) -> tuple[object, str, str]:
+    """(client, run id, tracking uri): the run a resumed training keeps logging into, else a new one."""
+    run_dir = Path(cfg.run_dir)
+    uri = tracking.tracking_uri(cfg.tracking, run_dir)
+    c = tracking.client(uri)
+    point = inputs.resume
+    previous = point.state.mlflow_run_id if point.state is not None and point.how != "resume_from" else ""
+    if previous and tracking.run_exists(c, previous):
+        run_id = previous
+        tracking.reopen_run(c, run_id, cfg)
+    else:
+        tags = {"reidscale.job": "train", "reidscale.data_dir": cfg.data_dir}
+        if point.how == "resume_from":
+            tags["reidscale.resumed_from"] = point.path
+            if point.state is not None and point.state.mlflow_run_id:
+                tags["reidscale.resumed_from_run_id"] = point.state.mlflow_run_id
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.run_name, params=cfg, tags=tags)
+        c.log_artifact(run_id, str(run_dir / "train_config.yaml"))
+        c.log_artifact(run_id, str(Path(cfg.data_dir) / "manifest.json"))
+        tracking.log_metrics(c, run_id, tracking.dataset_metrics(inputs.manifest), step=0)
+    return c, run_id, uri
+
+
+def run_training(cfg: TrainJobConfig) -> dict:
+    """Train, checkpoint and export; returns a summary dict (also written as JSON)."""
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.run_dir)
+    inputs = check_inputs(cfg)
+    note = describe(inputs.resume)
+    if note:
+        print(note, flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "train_config.yaml")
+    c, run_id, uri = open_mlflow_run(cfg, inputs)
+    print(f"MLflow run: {tracking.run_url(uri, run_id)}", flush=True)
+    print(f"  view it with: {tracking.ui_command(uri)}", flush=True)
+    try:
+        init_ray()
+        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
+        plan = WorkerPlan(
+            cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
+            stage1_steps_per_epoch=math.ceil(sum(g[2] for g in inputs.row_groups)
+                                             / (cfg.train.num_workers * cfg.clipreid.stage1_batch)),
+            row_groups=inputs.row_groups, run_id=run_id, tracking_uri=uri,
+            resume_path=inputs.resume.path, stale_checkpoints=inputs.resume.existing,
+        )
+        t0 = time.time()
+        result = build_trainer(plan, use_gpu).fit()
+        wall = time.time() - t0
+    except BaseException as exc:
+        c.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if type(exc).__name__ == "TrainingFailedError":
+            raise TrainingError(f"training failed in a worker: {_last_line(exc)} (MLflow run {run_id} marked "
+                                f"FAILED; the job log above has the worker's traceback)") from None
+        raise
     metrics = dict(result.metrics or {})
     summary = {
         "run_id": run_id,
@@ -129,12 +147,49 @@ def run_training(cfg: TrainJobConfig) -> dict:
         "final": metrics,
         "use_gpu": use_gpu,
         "num_workers": cfg.train.num_workers,
+        "started_from": inputs.resume.how,
     }
     tracking.log_metrics(c, run_id, {"train_wall_time_s": wall}, step=metrics.get("global_step", 0))
     tracking.log_json_artifact(c, run_id, summary, "train_summary.json")
     shards.atomic_write_json(run_dir / "train_summary.json", summary)
     c.set_terminated(run_id)
     return summary
+
+
+class TrainingError(RuntimeError):
+    """Training stopped in a worker; the message is one line."""
+
+
+def _last_line(exc: BaseException) -> str:
+    """The innermost error's own line out of Ray's multi-line TrainingFailedError."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (errors or lines or [type(exc).__name__])[-1][:400]
+
+
+def build_trainer(plan: WorkerPlan, use_gpu: bool):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = plan.cfg
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        _loop_entry,
+        train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.train.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env=omp_env(cfg.train.cpus_per_worker),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
 
 
 def _loop_entry(loop_config: dict) -> None:

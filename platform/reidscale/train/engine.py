@@ -1,0 +1,153 @@
+"""DeepSpeed mechanics shared by every recipe and stage: precision, optimizer, schedule,
+the engine itself, lockstep batches across workers, and exporting from an engine.
+
+Nothing here knows which recipe runs; ``loop.py`` and ``clipreid.py`` (stage 1) both build
+their engines from these pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from reidscale.models.reid import export_embedding_model
+from reidscale.train.config import TrainJobConfig
+from reidscale.train.schedule import lr_factor
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 on devices that support it, else fp32 (DeepSpeed's fp16 path fails on CPU)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def deepspeed_config(cfg: TrainJobConfig, precision: str) -> dict:
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.p * t.k,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,  # our own progress lines instead
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainJobConfig) -> torch.optim.Optimizer:
+    # A client torch optimizer: DeepSpeed's own fused Adam would JIT-compile for ~60 s.
+    # Partial FC's centres take no weight decay: its logits use L2-normalised centres, so decay
+    # changes no logit, and it would rewrite every one of (up to millions of) rows each step when
+    # only the sampled ones had a gradient. (Momentum still moves a row for a while after it was
+    # last sampled, as in insightface's Partial FC v2.)
+    cosine_centres = cfg.model.classifier == "partial_fc"
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim <= 1 or name.endswith(".bias") or (cosine_centres and name == "classifier.weight")
+        (no_decay if exempt else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    if cfg.optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.optim.lr)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def stage2_schedule(cfg: TrainJobConfig, steps_per_epoch: Callable[[], int]) -> Callable[[int], float]:
+    """lr factor per optimizer step. ``steps_per_epoch`` is read at every step: a streaming
+    P×K epoch's length is only estimated until the first epoch has run, and corrected then
+    (before any cosine decay has started when warm-up lasts at least one epoch)."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        # the scheduler steps once per optimizer step, i.e. every gradient_accumulation_steps batches
+        spe = max(1, steps_per_epoch() // t.gradient_accumulation_steps)
+        return lr_factor(step, total_steps=spe * t.epochs, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)),
+                         schedule=cfg.optim.schedule, milestone_steps=[m * spe for m in cfg.optim.milestones],
+                         gamma=cfg.optim.gamma)
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], float], ds_config: dict, device):
+    """A DeepSpeed engine around ``model`` with a LambdaLR schedule; checkpoints load without unpickling."""
+    import deepspeed
+
+    from reidscale.train.checkpoint import use_safe_loading
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    use_safe_loading(engine)
+    return engine
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def any_worker(has_batch: bool, device: torch.device) -> bool:
+    """True while any worker still has a real batch: all take the same number of steps."""
+    flag = torch.tensor([1 if has_batch else 0], device=device)
+    if _distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def lockstep(real: Iterator, stream, device: torch.device) -> Iterator:
+    """This worker's batches until every worker's stream has run out; a worker whose stream
+    ended first pads with ``stream.pad()``, so all take the same number of steps."""
+    while True:
+        batch = next(real, None)
+        if not any_worker(batch is not None, device):
+            return
+        yield batch if batch is not None else stream.pad()
+
+
+def sum_over_workers(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    if _distributed():
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (so all ranks enter a collective together, or none does)."""
+    t = torch.tensor([1 if flag else 0], device=device)
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def export_from_engine(engine, cfg: TrainJobConfig, rank: int, out_dir: Path, extra: dict) -> None:
+    """Every rank calls this (ZeRO-3 must gather the partitioned weights); rank 0 writes."""
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, out_dir, extra=extra)
+    elif rank == 0:
+        export_embedding_model(engine.module.embedding, cfg.model, cfg.transform, out_dir, extra=extra)

@@ -1,0 +1,146 @@
+"""Training recipes: what model a run trains and which loss terms a batch contributes.
+
+A recipe is chosen once (``recipe_for``) and the loop asks it three things:
+``build_model(num_classes)``, ``before_training(ctx)`` (CLIP-ReID's stage 1; nothing for the
+baseline) and ``loss_terms(model, batch)`` → ``{name: (weight, loss tensor)}``. The loop owns
+the engine, the schedule, checkpoints, logging and validation. A new recipe (TransReID's JPM,
+a center-loss variant) is one more class here and one more ``recipe`` value in the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
+from reidscale.models.reid import ReIDModel, build_reid_model
+from reidscale.train.config import TrainJobConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: images, identity labels, and side inputs (cameras for SIE)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    side: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepLoss:
+    total: torch.Tensor
+    terms: dict[str, float]  # each term's unweighted value, for logging
+    id_accuracy: float
+
+
+def weigh(terms: dict[str, tuple[float, torch.Tensor]], id_accuracy: float, device) -> StepLoss:
+    total = torch.zeros((), device=device)
+    for weight, value in terms.values():
+        total = total + weight * value
+    return StepLoss(total, {k: float(v.detach()) for k, (_, v) in terms.items()}, id_accuracy)
+
+
+def id_and_metric_terms(model, batch: Batch, cfg: TrainJobConfig) -> tuple[dict, float, torch.Tensor]:
+    """BoT's terms: label-smoothed CE on the classifier and batch-hard triplet on the feature.
+
+    ``model`` is a ReIDModel (or a DeepSpeed engine around one), called with the labels so a
+    Partial FC classifier scores only its sampled centres: the ID loss and accuracy use the
+    returned ``targets`` (columns of the sampled logits), the metric losses the labels.
+    Returns (terms, ID accuracy, the feature) so a recipe can add terms on the same feature.
+    """
+    feat, logits, targets = model(batch.images, labels=batch.labels, **batch.side)
+    terms = {}
+    if cfg.loss.id_weight > 0:
+        terms["id"] = (cfg.loss.id_weight,
+                       cross_entropy_label_smooth(logits.float(), targets, epsilon=cfg.loss.label_smoothing))
+    if cfg.loss.triplet_weight > 0:
+        terms["triplet"] = (cfg.loss.triplet_weight, triplet_batch_hard(
+            feat.float(), batch.labels, margin=cfg.loss.triplet_margin, soft_margin=cfg.loss.triplet_soft_margin))
+    with torch.no_grad():
+        acc = float((logits.argmax(1) == targets).float().mean())
+    return terms, acc, feat
+
+
+class BaselineRecipe:
+    """The BoT strong baseline: one stage, ID + triplet on a BNNeck."""
+
+    name = "baseline"
+
+    def __init__(self, cfg: TrainJobConfig):
+        self.cfg = cfg
+
+    def build_model(self, num_classes: int) -> ReIDModel:
+        return build_reid_model(self.cfg.model, self.cfg.transform, num_classes)
+
+    def before_training(self, ctx) -> None:
+        """Runs once per worker after the untrained export, before the stage-2 engine exists."""
+
+    def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
+        terms, acc, _ = id_and_metric_terms(model, batch, self.cfg)
+        return terms, acc
+
+
+class ClipReIDRecipe(BaselineRecipe):
+    """CLIP-ReID: stage 1 learns per-identity prompts against the frozen CLIP encoders; stage 2
+    is the baseline plus an image→text term against those (frozen) identity text features."""
+
+    name = "clipreid"
+
+    def __init__(self, cfg: TrainJobConfig):
+        super().__init__(cfg)
+        self.clip = None
+        self.tower = None
+        self.text_features: torch.Tensor | None = None
+
+    def build_model(self, num_classes: int) -> ReIDModel:
+        from reidscale.models.open_clip_tower import wrap_tower
+        from reidscale.models.prompt_learner import build_clip
+        from reidscale.models.reid import build_classifier
+
+        c, size = self.cfg.clipreid, (self.cfg.transform.height, self.cfg.transform.width)
+        self.clip = build_clip(self.cfg.model, size, text_width=c.text_width, text_layers=c.text_layers,
+                               text_heads=c.text_heads)
+        # the ReID options (OLP, SIE, feature, classifier) on CLIP's image tower, weights shared
+        self.tower = wrap_tower(self.clip.visual, self.cfg.model, size)
+        return ReIDModel(self.tower, self.tower.dim, num_classes, build_classifier(self.cfg.model, self.tower.dim,
+                                                                                   num_classes))
+
+    def before_training(self, ctx) -> None:
+        from reidscale.train.clipreid import run_stage1
+
+        # stage 1 runs the image encoder frozen, outside any engine
+        self.text_features = run_stage1(self.clip, ctx, visual=self.tower).to(ctx.device)
+        del self.clip.transformer  # the text tower is done; keep only what stage 2 trains
+
+    def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
+        terms, acc, feat = id_and_metric_terms(model, batch, self.cfg)
+        if self.text_features is not None and self.cfg.clipreid.i2t_weight > 0:
+            # each image against every identity's frozen text feature
+            terms["i2t"] = (self.cfg.clipreid.i2t_weight, i2t_cross_entropy(
+                feat.float(), self.text_features, batch.labels, 1.0, epsilon=self.cfg.loss.label_smoothing))
+        return terms, acc
+
+
+def recipe_for(cfg: TrainJobConfig) -> BaselineRecipe:
+    """The one place ``cfg.recipe`` is looked at."""
+    return ClipReIDRecipe(cfg) if cfg.recipe == "clipreid" else BaselineRecipe(cfg)
+
+
+def compute_loss(model, images, labels, cfg: TrainJobConfig, text_features: torch.Tensor | None = None,
+                 cameras: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """(weighted total loss, {term: value, 'acc': ID accuracy}) of one batch, as a plain function.
+
+    The recipe path without a worker: CLIP-ReID's stage-2 terms when ``text_features`` is given,
+    the baseline's otherwise. ``cameras`` (N ints) reach a backbone with SIE.
+    """
+    recipe = ClipReIDRecipe(cfg) if text_features is not None else BaselineRecipe(cfg)
+    if text_features is not None:
+        recipe.text_features = text_features
+    batch = Batch(images, labels, {"cameras": cameras} if cameras is not None else {})
+    terms, acc = recipe.loss_terms(model, batch)
+    loss = weigh(terms, acc, images.device)
+    return loss.total, {**loss.terms, "acc": loss.id_accuracy}
