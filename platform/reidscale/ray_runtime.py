@@ -199,10 +199,29 @@ def quiet_worker() -> None:
     # Ray Train 2.60 logs every report ("Reporting training result N: ...") through a logger
     # named by its file path, outside "ray.train", so RunConfig's logging_config misses it
     context_py = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
-    # and "Checkpoint successfully created" per report: a level set on the module's own logger
-    # holds even after Ray Train sets "ray.train" to DEBUG (its RunConfig level filters the rest)
-    for name in (context_py, "ray.train.v2._internal.execution.storage", "ray.train._internal.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(context_py).setLevel(logging.WARNING)
+    # "Checkpoint successfully created" per report and the worker-group start lines come from
+    # children of "ray.train", whose levels Ray Train's dictConfig resets when a worker or its
+    # controller starts; a logger's filters survive that (RunConfig(logging_config=
+    # train_logging_config()) filters the rest of ray.train)
+    for name in _TRAIN_CHATTER:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WarningsOnly) for f in logger.filters):
+            logger.addFilter(_WarningsOnly())
+
+
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+_TRAIN_CHATTER = (
+    "ray.train.v2._internal.execution.storage",  # Checkpoint successfully created at: ...
+    "ray.train._internal.storage",
+    "ray.train.v2._internal.execution.worker_group.worker_group",  # Started training worker group ...
+    "ray.train.v2._internal.execution.scaling_policy.scaling_policy",  # Requesting resources ...
+    "ray.train.torch.config",  # Setting up process group for: env:// ...
+)
 
 
 # --- fate-sharing watchdog --------------------------------------------------------------
@@ -218,7 +237,8 @@ def _watch_private_ray() -> None:
     # stdin is the pipe whose end-of-file says the driver is gone; its own session so a
     # Ctrl-C or a hang-up aimed at the driver's terminal leaves it alive to clean up
     _watchdog = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from reidscale.ray_runtime import watch; watch(sys.argv[1])", owner],
+        [sys.executable, "-c", "import sys; from reidscale.ray_runtime import watch; watch(sys.argv[1], int(sys.argv[2]))",
+         owner, str(os.getpid())],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
@@ -282,6 +302,7 @@ def session_pids(owner: str, session_dirs: tuple[str, ...] = ()) -> set[int]:
         own |= grown
         added = bool(grown)
     own.discard(os.getpid())
+    own.discard(os.getppid())  # the watchdog's driver, when it is still there
     return own
 
 
@@ -300,14 +321,26 @@ def _wait_gone(owner: str, session_dirs: tuple[str, ...], seconds: float) -> set
     return left
 
 
-def watch(owner: str) -> None:
-    """The watchdog's body: block until the driver's pipe closes, then end that Ray's processes.
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
-    The driver writes each session dir it starts, one a line; end-of-file means every copy of
-    the pipe's write end is closed, i.e. the driver is gone, however it died.
+
+def watch(owner: str, driver: int) -> None:
+    """The watchdog's body: wait for the driver to be gone, then end that Ray's processes.
+
+    The driver writes each session dir it starts, one a line. End-of-file comes when the
+    driver died, however, but also while a driver that exits normally is still finalising
+    (its pipe is closed before its Ray has shut down), so the driver's own PID is waited
+    for too, and never signalled: it holds files in the session dir itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sessions = tuple(line.decode().strip() for line in sys.stdin.buffer if line.strip())
+    while _running(driver):
+        time.sleep(0.2)
     left = _wait_gone(owner, sessions, FATE_GRACE_S)
     if left:
         _signal_all(left, signal.SIGTERM)
