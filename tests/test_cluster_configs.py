@@ -523,3 +523,49 @@ def test_exposure_and_credential_scans_catch_planted_lines(tmp_path):
         (tmp_path / "leak.yaml").write_text(text)
         assert credential_problems((tmp_path / "leak.yaml").read_text()), text
     assert credential_problems('"~/.ray/auth_token": "~/.ray/auth_token"\nsecretName: reidscale-token\n') == []
+
+
+# --- the local head: loopback, and stop only what start.sh started -------------------------
+
+RAY_STOP = re.compile(r"^\s*[^#\n]*\bray\s+stop\b", re.M)
+
+
+def local_script_problems(start: str, stop: str) -> list[str]:
+    """clusters/local/*.sh: loopback node IP and dashboard, token auth, no `ray stop`."""
+    problems = []
+    for name, text in (("start.sh", start), ("stop.sh", stop)):
+        if RAY_STOP.search(text):
+            problems.append(f"{name} runs `ray stop`, which ends every Ray process of the user")
+    # without it Ray turns --node-ip-address=127.0.0.1 back into the machine's address
+    if not re.search(r"^\s*export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\s*$", start, re.M):
+        problems.append("start.sh must export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback node IP)")
+    for flag in ("--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--dashboard-agent-listen-port="):
+        if flag not in start:
+            problems.append(f"start.sh must pass {flag}")
+    if "REIDSCALE_RAY_OWNER" not in start or "REIDSCALE_RAY_OWNER" not in stop:
+        problems.append("start.sh must tag its head (REIDSCALE_RAY_OWNER) and stop.sh stop by that tag")
+    return problems
+
+
+def _local_scripts() -> tuple[str, str]:
+    return (CLUSTERS / "local" / "start.sh").read_text(), (CLUSTERS / "local" / "stop.sh").read_text()
+
+
+def test_local_scripts_bind_loopback_and_never_run_ray_stop():
+    assert local_script_problems(*_local_scripts()) == []
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda a, b: (a, b.replace("set -euo pipefail", "set -euo pipefail\nray stop --force")), "ray stop"),
+        (lambda a, b: (a + "\nRAY_ADDRESS=auto ray stop\n", b), "ray stop"),
+        (lambda a, b: (a.replace("export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", ""), b), "loopback node IP"),
+        (lambda a, b: (a.replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), b), "dashboard-host"),
+        (lambda a, b: (a.replace("REIDSCALE_RAY_OWNER", "OWNER"), b), "tag"),
+    ],
+    ids=["stop-sh-ray-stop", "start-sh-ray-stop", "no-loopback-switch", "public-dashboard", "no-tag"],
+)
+def test_local_script_checks_reject_broken_copies(mutate, expected):
+    problems = local_script_problems(*mutate(*_local_scripts()))
+    assert any(expected in p for p in problems), problems

@@ -27,6 +27,9 @@ def head():
         "RAY_AUTH_TOKEN_PATH": str(temp_dir / "auth_token"),
         "RAY_PORT": "6391",
         "RAY_DASHBOARD_PORT": str(DASHBOARD_PORT),
+        # the defaults (52365, 10001) are taken by any other head on the machine
+        "RAY_DASHBOARD_AGENT_PORT": "52391",
+        "RAY_CLIENT_PORT": "23391",
         "RAY_NUM_CPUS": "2",
         "RAY_TEMP_DIR": str(temp_dir / "ray"),
     }

@@ -125,7 +125,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
 
     from reidscale.data.pipeline import decoded, read_split
     from reidscale.models.reid import load_embedding_model
-    from reidscale.train.trainer import init_ray
+    from reidscale.ray_runtime import init_ray
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _, model_config = load_embedding_model(model_dir)  # fail here, not inside an actor

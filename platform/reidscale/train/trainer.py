@@ -13,6 +13,7 @@ from reidscale import tracking
 from reidscale.config import dump_yaml
 from reidscale.data import shards
 from reidscale.data.pipeline import row_groups
+from reidscale.ray_runtime import cluster_has_gpus, init_ray
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
@@ -49,20 +50,6 @@ def omp_env(threads: float) -> dict:
     """
     n = str(max(1, int(threads)))
     return {"env_vars": {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}}
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 @dataclass
