@@ -167,3 +167,18 @@ def test_an_empty_layout_is_refused_not_written(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images found"):
         prepare(config(tmp_path / "src", tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_an_exif_rotated_crop_is_recorded_with_its_displayed_size(tmp_path):
+    """A 24 wide × 48 high stored JPEG tagged orientation 6 displays 48 wide × 24 high."""
+    src = tmp_path / "src" / "7"
+    src.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(1).integers(0, 255, (48, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(src / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    Image.fromarray(pixels).save(src / "plain.jpg", "JPEG")
+    prepare(config(tmp_path / "src", tmp_path / "out", source="folder"))
+    table = pq.read_table(next((tmp_path / "out").glob("train-*.parquet")), columns=["path", "width", "height"])
+    sizes = {p: (w, h) for p, w, h in zip(*(table.column(c).to_pylist() for c in ("path", "width", "height")))}
+    assert sizes == {"7/plain.jpg": (24, 48), "7/rotated.jpg": (48, 24)}
