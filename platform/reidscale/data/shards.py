@@ -264,7 +264,8 @@ def remove_shards(root: str | Path) -> list[Path]:
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise ShardError(f"{path} does not exist: the dataset was never written or its write did not finish")
+        raise ShardError(f"{path} does not exist: the dataset was never written or its write did not finish "
+                         f"(write it with: {PREPARE_COMMAND} out_dir={Path(root)})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
