@@ -114,12 +114,15 @@ def test_exif_rotated_jpeg_decodes_upright_and_reports_its_displayed_size(orient
     np.testing.assert_array_equal(batch["image"][0], expected.transpose(2, 0, 1))
 
 
-def test_sixteen_bit_greyscale_png_keeps_its_gradient_in_eight_bits():
+@pytest.mark.parametrize("fmt, dtype, mode", [("PNG", np.uint16, "I;16"), ("TIFF", np.int32, "I")])
+def test_sixteen_bit_greyscale_keeps_its_gradient_in_eight_bits(fmt, dtype, mode):
+    """16-bit PNG (PIL mode I;16), and 16-bit values in a 32-bit greyscale TIFF (mode I, as older
+    Pillow opened 16-bit PNGs): the 8-bit value of each pixel is its high byte."""
     y, x = np.mgrid[0:16, 0:64]
     gradient = (x * 1024 + y * 60).astype(np.uint16)  # 0 .. 65412 left to right
     buf = io.BytesIO()
-    Image.fromarray(gradient).save(buf, "PNG")
-    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit file
+    Image.fromarray(gradient.astype(dtype)).save(buf, fmt)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode  # really a 16-bit greyscale file
     got = decode(buf.getvalue(), 16, 64)
     expected = np.repeat((gradient // 256).astype(np.uint8)[:, :, None], 3, axis=2)
     np.testing.assert_array_equal(got, expected)

@@ -34,6 +34,8 @@ from reidscale.data.sources.synthetic import SyntheticConfig, generate, planned_
 from reidscale.data.sources.veri776 import veri776
 from reidscale.data.transforms import MAX_IMAGE_PIXELS
 
+log = logging.getLogger(__name__)
+
 Source = Literal["synthetic", "market1501", "dukemtmc", "msmt17", "veri776", "folder"]
 
 
@@ -97,10 +99,6 @@ READERS: dict[str, Callable[[PrepareJobConfig], tuple[Path, Listing]]] = {
 }
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _console_loggers() -> list[logging.Logger]:
     """Loggers whose console output must go through tqdm.write: the root logger, and Ray's
     (it has its own stderr handler and does not propagate) when Ray has set it up."""
@@ -144,7 +142,7 @@ def _listed_records(cfg: PrepareJobConfig):
     if not total:
         raise FileNotFoundError(f"{cfg.source}: no images found under {base}")
     counts = {s: sum(e.split == s for e in listing.entries) for s in SPLITS}
-    _log(f"{cfg.source}: {base}: {total} images listed ({', '.join(f'{s} {n}' for s, n in counts.items())}), "
+    log.info(f"{cfg.source}: {base}: {total} images listed ({', '.join(f'{s} {n}' for s, n in counts.items())}), "
          f"{listing.junk} junk dropped")
     skips = SkipLog(total, cfg.max_error_rate)
     for skip in listing.skipped:
@@ -180,13 +178,13 @@ def prepare(cfg: PrepareJobConfig) -> dict:
     manifest["wall_time_s"] = time.time() - t0
     for split, info in manifest["splits"].items():
         skipped = manifest.get("skipped", {}).get("splits", {}).get(split, {}).get("images", 0)
-        _log(f"{split}: {info['images']} images, {info['identities']} identities, {info['cameras']} cameras, "
+        log.info(f"{split}: {info['images']} images, {info['identities']} identities, {info['cameras']} cameras, "
              f"{len(info['shards'])} shards, {skipped} skipped")
     if manifest.get("skipped", {}).get("images"):
         s = manifest["skipped"]
-        _log(f"skipped {s['images']} of {s['of_images']} images ({s['error_rate']:.3%}, "
+        log.info(f"skipped {s['images']} of {s['of_images']} images ({s['error_rate']:.3%}, "
              f"max_error_rate {s['max_error_rate']:g}): " +
              "; ".join(f"{split} {v['reasons']} e.g. {[e['path'] for e in v['examples']]}"
                        for split, v in s["splits"].items()))
-    _log(f"wrote {out_dir / 'manifest.json'} in {manifest['wall_time_s']:.1f} s")
+    log.info(f"wrote {out_dir / 'manifest.json'} in {manifest['wall_time_s']:.1f} s")
     return manifest
