@@ -87,8 +87,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if exif_orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode in _SIXTEEN_BIT_MODES:
-        high = (np.clip(np.asarray(img), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
-        img = Image.fromarray(high, mode="L")
+        values = np.asarray(img)
+        if values.dtype != np.uint16:  # mode I is int32: keep it in the 16-bit range first
+            values = np.clip(values, 0, 65535)
+        img = Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode L
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
