@@ -143,7 +143,7 @@ def _listed_records(cfg: PrepareJobConfig):
         raise FileNotFoundError(f"{cfg.source}: no images found under {base}")
     counts = {s: sum(e.split == s for e in listing.entries) for s in SPLITS}
     log.info(f"{cfg.source}: {base}: {total} images listed ({', '.join(f'{s} {n}' for s, n in counts.items())}), "
-         f"{listing.junk} junk dropped")
+             f"{listing.junk} junk dropped")
     skips = SkipLog(total, cfg.max_error_rate)
     for skip in listing.skipped:
         skips.add(skip)
@@ -179,12 +179,12 @@ def prepare(cfg: PrepareJobConfig) -> dict:
     for split, info in manifest["splits"].items():
         skipped = manifest.get("skipped", {}).get("splits", {}).get(split, {}).get("images", 0)
         log.info(f"{split}: {info['images']} images, {info['identities']} identities, {info['cameras']} cameras, "
-             f"{len(info['shards'])} shards, {skipped} skipped")
+                 f"{len(info['shards'])} shards, {skipped} skipped")
     if manifest.get("skipped", {}).get("images"):
         s = manifest["skipped"]
         log.info(f"skipped {s['images']} of {s['of_images']} images ({s['error_rate']:.3%}, "
-             f"max_error_rate {s['max_error_rate']:g}): " +
-             "; ".join(f"{split} {v['reasons']} e.g. {[e['path'] for e in v['examples']]}"
-                       for split, v in s["splits"].items()))
+                 f"max_error_rate {s['max_error_rate']:g}): " +
+                 "; ".join(f"{split} {v['reasons']} e.g. {[e['path'] for e in v['examples']]}"
+                           for split, v in s["splits"].items()))
     log.info(f"wrote {out_dir / 'manifest.json'} in {manifest['wall_time_s']:.1f} s")
     return manifest

@@ -76,14 +76,12 @@ def missing_split_message(root: str | Path, split: str, have: list[str], source:
     if split not in SPLITS:
         return f"{root}: {split!r} is not a split name (one of {', '.join(SPLITS)})"
     if source == "folder":
-        how = (f"re-run {PREPARE_COMMAND} source=folder root=<a folder with train/ query/ gallery/ sub-folders> "
-               f"out_dir={root}")
+        how = f"{PREPARE_COMMAND} source=folder root=<a folder with train/ query/ gallery/ sub-folders> out_dir={root}"
     elif source and source != "synthetic":
-        how = f"re-run {PREPARE_COMMAND} source={source} root=<the {source} folder> out_dir={root}"
+        how = f"{PREPARE_COMMAND} source={source} root=<the {source} folder, with its {split} images> out_dir={root}"
     else:
-        how = f"re-run {PREPARE_COMMAND} out_dir={root} (source=synthetic writes train, query and gallery)"
-    return (f"{root}: the dataset has no {split!r} split (it has: {', '.join(have) or 'none'}); "
-            f"{split} images are needed here: {how}")
+        how = f"{PREPARE_COMMAND} out_dir={root} (source=synthetic writes train, query and gallery)"
+    return f"{root}: the dataset has no {split!r} split (it has: {', '.join(have) or 'none'}); write one with: {how}"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
