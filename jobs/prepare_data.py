@@ -10,10 +10,13 @@ Bad image files are skipped and counted (log + manifest ``skipped``); past
 ``max_error_rate`` the job exits 1 naming the rate and example files.
 """
 
+import logging
 import sys
 
 from reidscale.cli import run_job
 from reidscale.data.prepare import PrepareJobConfig, prepare
 
 if __name__ == "__main__":
+    # the library logs what it did (listing, per-split counts, skips); this job shows it on stderr
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sys.exit(run_job(PrepareJobConfig, prepare))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,56 @@ def test_an_empty_layout_is_refused_not_written(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images found"):
         prepare(config(tmp_path / "src", tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_an_exif_rotated_crop_is_recorded_with_its_displayed_size(tmp_path):
+    """A 24 wide × 48 high stored JPEG tagged orientation 6 displays 48 wide × 24 high."""
+    src = tmp_path / "src" / "7"
+    src.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(1).integers(0, 255, (48, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(src / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    Image.fromarray(pixels).save(src / "plain.jpg", "JPEG")
+    prepare(config(tmp_path / "src", tmp_path / "out", source="folder"))
+    table = pq.read_table(next((tmp_path / "out").glob("train-*.parquet")), columns=["path", "width", "height"])
+    sizes = {p: (w, h) for p, w, h in zip(*(table.column(c).to_pylist() for c in ("path", "width", "height")))}
+    assert sizes == {"7/plain.jpg": (24, 48), "7/rotated.jpg": (48, 24)}
+
+
+def _bar_states(err: str) -> list[str]:
+    return [s.strip() for s in err.replace("\r", "\n").split("\n") if "img" in s and "/" in s]
+
+
+def test_synthetic_progress_counts_images_against_the_exact_total(tmp_path, capsys):
+    # min 2 images but up to 6 cameras: some identities yield more than their drawn count
+    cfg = load_config(PrepareJobConfig, overrides=[
+        f"out_dir={tmp_path}", "synthetic.num_identities=40", "synthetic.height=32", "synthetic.width=16",
+        "synthetic.images_per_identity_median=4", "synthetic.min_images_per_identity=2", "synthetic.seed=2"])
+    manifest = prepare(cfg)
+    total = sum(info["images"] for info in manifest["splits"].values())
+    states = _bar_states(capsys.readouterr().err)
+    assert states and f"{total}/{total}" in states[-1], states
+    for state in states:  # the count never runs past the total shown beside it
+        done, of = map(int, re.search(r"(\d+)/(\d+) \[", state).groups())
+        assert done <= of
+
+
+def test_file_source_progress_counts_skipped_images_and_logs_on_their_own_lines(tmp_path, capsys):
+    import logging
+
+    from reidscale.data.prepare import _progress
+
+    root = market_tree(tmp_path / "src", {"query/0022_c2s1_000100_00.jpg": jpeg(3)[:40]})
+    prepare(config(root, tmp_path / "out", max_error_rate=0.05))
+    assert "38/38" in _bar_states(capsys.readouterr().err)[-1]  # 37 written + 1 skipped
+
+    def records():
+        for i in range(5):
+            if i == 3:
+                logging.getLogger("ray.data").warning("Ray Data says hello")
+            yield {"identity": 1}
+
+    list(_progress(records(), 5, "test images"))
+    err = capsys.readouterr().err
+    assert any(line == "Ray Data says hello" for line in err.replace("\r", "\n").split("\n")), repr(err)

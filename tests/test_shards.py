@@ -130,3 +130,52 @@ def test_a_failing_record_stream_leaves_no_manifest_and_remove_shards_cleans_up(
     assert any(p.name.startswith("train-") for p in tmp_path.iterdir())
     removed = remove_shards(tmp_path)
     assert removed and sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet"]
+
+
+def test_an_unlisted_parquet_file_is_warned_about_once_naming_it(dataset, tmp_path, caplog):
+    import logging
+    import shutil
+
+    root, _, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    for name in ("train-00099.parquet", "mine.parquet"):
+        pq.write_table(pq.read_table(next(copy.glob("train-*.parquet"))), copy / name)
+    (copy / "notes.txt").write_text("not a shard: no warning")
+    with caplog.at_level(logging.WARNING, logger="reidscale.data.shards"):
+        files = verify_split(copy, "train")
+        read_metadata(copy, "train")
+        verify_split(copy, "query")
+    assert {p.name for p in files}.isdisjoint({"train-00099.parquet", "mine.parquet"})
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2, warned  # one per file, not one per read
+    assert any("train-00099.parquet" in m for m in warned) and any("mine.parquet" in m for m in warned)
+    assert all("ignored" in m and "\n" not in m for m in warned)
+
+
+def test_a_clean_dataset_gives_no_warning(dataset, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="reidscale.data.shards"):
+        verify_split(dataset[0], "train")
+    assert not caplog.records
+
+
+def test_rewriting_a_directory_removes_the_earlier_writes_shards(tmp_path):
+    write_dataset(_records(40), tmp_path, source="test", rows_per_group=8, groups_per_shard=1)
+    assert len(list(tmp_path.glob("train-*.parquet"))) > 2
+    write_dataset(_records(4), tmp_path, source="test", rows_per_group=8, groups_per_shard=1)
+    listed = {s["file"] for s in read_manifest(tmp_path)["splits"]["train"]["shards"]}
+    assert {p.name for p in tmp_path.glob("*.parquet")} == listed
+
+
+def test_a_missing_split_is_one_line_naming_the_directory_its_splits_and_the_command(tmp_path):
+    write_dataset(_records(4), tmp_path, source="folder")
+    for read in (lambda: verify_split(tmp_path, "query"), lambda: read_metadata(tmp_path, "query"),
+                 lambda: read_manifest(tmp_path)["splits"]["query"]):  # how embed/evaluate index it
+        with pytest.raises(ShardError) as err:
+            read()
+        message = str(err.value)
+        assert str(tmp_path) in message and "no 'query' split" in message and "it has: train" in message
+        assert "python jobs/prepare_data.py source=folder" in message and "\n" not in message
+    assert read_manifest(tmp_path)["splits"].get("query") is None  # .get stays a plain lookup

@@ -60,3 +60,23 @@ def test_placeholder_records_stream_and_write_with_contiguous_labels(tmp_path):
     manifest = write_dataset(generate(_placeholder(num_identities=2000)), tmp_path, source="synthetic")
     assert manifest["num_classes"] == 1000
     assert manifest["splits"]["query"]["identities"] == 1000
+
+
+def test_planned_images_are_what_generate_yields():
+    from collections import Counter
+
+    from reidscale.data.sources.synthetic import planned_images
+
+    placeholder = _placeholder(num_identities=500)
+    yielded = Counter(rec["identity"] for rec in generate(placeholder))
+    assert [yielded[i + 1] for i in range(500)] == planned_images(placeholder).tolist()
+    # rendered: a lower bound; an identity seen by more cameras than its drawn count gets one per camera
+    rendered = SyntheticConfig(num_identities=40, height=32, width=16, images_per_identity_median=4,
+                               min_images_per_identity=2, seed=2)
+    cameras, counts = defaultdict(set), Counter()
+    for rec in generate(rendered):
+        cameras[rec["identity"]].add(rec["camera"])
+        counts[rec["identity"]] += 1
+    planned = planned_images(rendered)
+    assert [counts[i + 1] for i in range(40)] == [max(int(p), len(cameras[i + 1])) for i, p in enumerate(planned)]
+    assert any(counts[i + 1] > p for i, p in enumerate(planned))  # the case the progress total must absorb

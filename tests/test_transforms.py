@@ -75,3 +75,55 @@ def test_uint8_decode_then_normalise_batch_matches_the_float_path():
     aug8 = normalise_batch(decode_batch(batch, cfg, train=True, seed=3, normalise=False)["image"], cfg)
     augf = decode_batch(batch, cfg, train=True, seed=3)["image"]
     assert np.abs(aug8 - augf).max() <= 0.5 / 255 / min(cfg.std) + 1e-6
+
+
+def _blocks(h=48, w=24):
+    """An asymmetric picture of flat 8×8 blocks (so JPEG keeps it, and any rotation shows)."""
+    rng = np.random.default_rng(5)
+    return np.kron(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+
+
+def _jpeg_with_orientation(pixels, orientation=None):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("orientation, quarter_turns", [(6, -1), (8, 1)])
+def test_exif_rotated_jpeg_decodes_upright_and_reports_its_displayed_size(orientation, quarter_turns):
+    """EXIF 6: the stored rows must turn 90° clockwise to display (np.rot90 k=-1); 8: counter-clockwise."""
+    from reidscale.data.sources.image_files import check_image
+
+    stored = _blocks()  # 48 high, 24 wide as stored
+    plain = decode(_jpeg_with_orientation(stored), 48, 24)
+    expected = np.rot90(plain, k=quarter_turns)  # same JPEG stream, so the same decoded samples
+    tagged = _jpeg_with_orientation(stored, orientation)
+    assert check_image(tagged) == (48, 24)  # (width, height) displayed: the rotation swaps them
+    got = decode(tagged, 24, 48)  # (height, width) = the displayed size: no resize happens
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, np.rot90(plain, k=-quarter_turns))
+    # the batch path (Ray Data tasks, validation, embed_images) decodes the same pixels
+    cfg = TransformConfig(height=24, width=48)
+    batch = decode_batch({"image": np.array([tagged], dtype=object)}, cfg, train=False, normalise=False)
+    np.testing.assert_array_equal(batch["image"][0], expected.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("fmt, dtype, mode", [("PNG", np.uint16, "I;16"), ("TIFF", np.int32, "I")])
+def test_sixteen_bit_greyscale_keeps_its_gradient_in_eight_bits(fmt, dtype, mode):
+    """16-bit PNG (PIL mode I;16), and 16-bit values in a 32-bit greyscale TIFF (mode I, as older
+    Pillow opened 16-bit PNGs): the 8-bit value of each pixel is its high byte."""
+    y, x = np.mgrid[0:16, 0:64]
+    gradient = (x * 1024 + y * 60).astype(np.uint16)  # 0 .. 65412 left to right
+    buf = io.BytesIO()
+    Image.fromarray(gradient.astype(dtype)).save(buf, fmt)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode  # really a 16-bit greyscale file
+    got = decode(buf.getvalue(), 16, 64)
+    expected = np.repeat((gradient // 256).astype(np.uint8)[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(got, expected)
+    assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 200  # not a white sheet

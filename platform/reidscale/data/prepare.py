@@ -14,13 +14,15 @@ then leaves no shards behind. The counts go to the log and to the manifest (``sk
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from reidscale.config import ConfigError
 from reidscale.data.shards import SPLITS, remove_shards, write_dataset
@@ -28,9 +30,11 @@ from reidscale.data.sources.image_files import Listing, SkipLog, file_records
 from reidscale.data.sources.image_folder import image_folder
 from reidscale.data.sources.market1501 import dukemtmc, market1501
 from reidscale.data.sources.msmt17 import msmt17
-from reidscale.data.sources.synthetic import SyntheticConfig, generate
+from reidscale.data.sources.synthetic import SyntheticConfig, generate, planned_images
 from reidscale.data.sources.veri776 import veri776
 from reidscale.data.transforms import MAX_IMAGE_PIXELS
+
+log = logging.getLogger(__name__)
 
 Source = Literal["synthetic", "market1501", "dukemtmc", "msmt17", "veri776", "folder"]
 
@@ -95,8 +99,40 @@ READERS: dict[str, Callable[[PrepareJobConfig], tuple[Path, Listing]]] = {
 }
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _console_loggers() -> list[logging.Logger]:
+    """Loggers whose console output must go through tqdm.write: the root logger, and Ray's
+    (it has its own stderr handler and does not propagate) when Ray has set it up."""
+    ray = logging.getLogger("ray")
+    has_console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                      for h in ray.handlers)
+    return [logging.root] + ([ray] if has_console else [])
+
+
+def _progress(records: Iterable[dict], total: int, desc: str, *, planned=None,
+              skipped: Callable[[], int] | None = None) -> Iterator[dict]:
+    """``records`` with a progress bar counting images (written or skipped) against ``total``.
+
+    ``planned`` (images per identity, index identity - 1) is a lower bound per identity: an
+    identity that yields more raises the total as it happens, so the count never runs past
+    it and the total is exact at the end. ``skipped()`` is the running count of images the
+    stream dropped (they are done too). Log records emitted meanwhile (Ray's, ours) are
+    written above the bar on their own lines, not glued to it.
+    """
+    skipped = skipped or (lambda: 0)
+    base = skipped()
+    bar = tqdm(total=total, desc=desc, unit="img", mininterval=2.0, file=sys.stderr)
+    with logging_redirect_tqdm(_console_loggers()), bar:
+        identity, seen, written = None, 0, 0
+        for rec in records:
+            if planned is not None:
+                seen = seen + 1 if rec["identity"] == identity else 1
+                identity = rec["identity"]
+                if seen > planned[identity - 1]:
+                    bar.total += 1
+            written += 1
+            bar.update(written + skipped() - base - bar.n)
+            yield rec
+        bar.update(written + skipped() - base - bar.n)
 
 
 def _listed_records(cfg: PrepareJobConfig):
@@ -106,13 +142,13 @@ def _listed_records(cfg: PrepareJobConfig):
     if not total:
         raise FileNotFoundError(f"{cfg.source}: no images found under {base}")
     counts = {s: sum(e.split == s for e in listing.entries) for s in SPLITS}
-    _log(f"{cfg.source}: {base}: {total} images listed ({', '.join(f'{s} {n}' for s, n in counts.items())}), "
-         f"{listing.junk} junk dropped")
+    log.info(f"{cfg.source}: {base}: {total} images listed ({', '.join(f'{s} {n}' for s, n in counts.items())}), "
+             f"{listing.junk} junk dropped")
     skips = SkipLog(total, cfg.max_error_rate)
     for skip in listing.skipped:
         skips.add(skip)
     records = file_records(listing.entries, base, skips, max_pixels=cfg.max_image_pixels, workers=cfg.read_threads)
-    records = tqdm(records, total=len(listing.entries), desc=f"{cfg.source} images", unit="img", mininterval=2.0)
+    records = _progress(records, len(listing.entries), f"{cfg.source} images", skipped=lambda: skips.count)
 
     def extra() -> dict:
         return {"root": str(base), "junk_dropped": listing.junk, "skipped": skips.summary(),
@@ -126,7 +162,8 @@ def prepare(cfg: PrepareJobConfig) -> dict:
     out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "data")
     t0 = time.time()
     if cfg.source == "synthetic":
-        records = tqdm(generate(cfg.synthetic), desc="synthetic images", unit="img", mininterval=2.0)
+        planned = planned_images(cfg.synthetic)
+        records = _progress(generate(cfg.synthetic), int(planned.sum()), "synthetic images", planned=planned)
         extra = None
     else:
         records, extra = _listed_records(cfg)
@@ -141,13 +178,13 @@ def prepare(cfg: PrepareJobConfig) -> dict:
     manifest["wall_time_s"] = time.time() - t0
     for split, info in manifest["splits"].items():
         skipped = manifest.get("skipped", {}).get("splits", {}).get(split, {}).get("images", 0)
-        _log(f"{split}: {info['images']} images, {info['identities']} identities, {info['cameras']} cameras, "
-             f"{len(info['shards'])} shards, {skipped} skipped")
+        log.info(f"{split}: {info['images']} images, {info['identities']} identities, {info['cameras']} cameras, "
+                 f"{len(info['shards'])} shards, {skipped} skipped")
     if manifest.get("skipped", {}).get("images"):
         s = manifest["skipped"]
-        _log(f"skipped {s['images']} of {s['of_images']} images ({s['error_rate']:.3%}, "
-             f"max_error_rate {s['max_error_rate']:g}): " +
-             "; ".join(f"{split} {v['reasons']} e.g. {[e['path'] for e in v['examples']]}"
-                       for split, v in s["splits"].items()))
-    _log(f"wrote {out_dir / 'manifest.json'} in {manifest['wall_time_s']:.1f} s")
+        log.info(f"skipped {s['images']} of {s['of_images']} images ({s['error_rate']:.3%}, "
+                 f"max_error_rate {s['max_error_rate']:g}): " +
+                 "; ".join(f"{split} {v['reasons']} e.g. {[e['path'] for e in v['examples']]}"
+                           for split, v in s["splits"].items()))
+    log.info(f"wrote {out_dir / 'manifest.json'} in {manifest['wall_time_s']:.1f} s")
     return manifest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from array import array
@@ -27,6 +28,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "query", "gallery")
@@ -50,6 +53,35 @@ METADATA_COLUMNS = ["row_id", "identity", "label", "camera", "path"]
 
 class ShardError(ValueError):
     """A shard or manifest is missing, malformed or does not match its checksum."""
+
+
+# what makes a dataset directory (the job that writes one, for messages that say how)
+PREPARE_COMMAND = "python jobs/prepare_data.py"
+
+
+class _Splits(dict):
+    """The manifest's ``splits``: looking up a split the dataset lacks raises a ShardError
+    that names the directory, the splits it has and how to make the missing one, not a bare
+    ``KeyError: 'query'`` (evaluation, embedding and validation all index it by name)."""
+
+    root: Path = Path(".")
+    source: str | None = None
+
+    def __missing__(self, split: str):
+        raise ShardError(missing_split_message(self.root, split, sorted(self), self.source))
+
+
+def missing_split_message(root: str | Path, split: str, have: list[str], source: str | None = None) -> str:
+    """One line: which dataset lacks ``split``, what it has, the command that writes it."""
+    if split not in SPLITS:
+        return f"{root}: {split!r} is not a split name (one of {', '.join(SPLITS)})"
+    if source == "folder":
+        how = f"{PREPARE_COMMAND} source=folder root=<a folder with train/ query/ gallery/ sub-folders> out_dir={root}"
+    elif source and source != "synthetic":
+        how = f"{PREPARE_COMMAND} source={source} root=<the {source} folder, with its {split} images> out_dir={root}"
+    else:
+        how = f"{PREPARE_COMMAND} out_dir={root} (source=synthetic writes train, query and gallery)"
+    return f"{root}: the dataset has no {split!r} split (it has: {', '.join(have) or 'none'}); write one with: {how}"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -185,6 +217,10 @@ def write_dataset(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").unlink(missing_ok=True)
+    # shards of an earlier write here (it may have had more of them) would linger unlisted
+    stale = remove_shards(root)
+    if stale:
+        log.info(f"{root}: removed {len(stale)} shard file(s) of an earlier write before writing anew")
     writers: dict[str, _ShardWriter] = {}
     for group in _group_by_identity(records):
         by_split: dict[str, list[dict]] = {}
@@ -226,22 +262,57 @@ def remove_shards(root: str | Path) -> list[Path]:
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise ShardError(f"{path} does not exist: the dataset was never written or its write did not finish")
+        raise ShardError(f"{path} does not exist: the dataset was never written or its write did not finish "
+                         f"(write it with: {PREPARE_COMMAND} out_dir={Path(root)})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path} is not valid JSON: {exc}") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if not isinstance(manifest.get("splits"), dict):
+        raise ShardError(f"{path}: no 'splits' mapping")
+    manifest["splits"] = _Splits(manifest["splits"])
+    manifest["splits"].root, manifest["splits"].source = Path(root), manifest.get("source")
     return manifest
+
+
+def split_info(root: str | Path, split: str, manifest: dict | None = None) -> dict:
+    """The manifest entry of one split (images, identities, cameras, shards); a ShardError
+    naming the directory, its splits and the command that writes the missing one if absent."""
+    manifest = manifest or read_manifest(root)
+    if split not in manifest["splits"]:
+        raise ShardError(missing_split_message(root, split, sorted(manifest["splits"]), manifest.get("source")))
+    return manifest["splits"][split]
 
 
 def split_files(root: str | Path, split: str, manifest: dict | None = None) -> list[Path]:
     root = Path(root)
+    return [root / s["file"] for s in split_info(root, split, manifest)["shards"]]
+
+
+# (directory, file name) pairs already warned about: one warning per file per process, not one per read
+_warned_unlisted: set[tuple[str, str]] = set()
+
+
+def unlisted_parquet_files(root: str | Path, manifest: dict | None = None) -> list[Path]:
+    """``*.parquet`` files in ``root`` that the manifest lists for no split (sorted).
+
+    Readers go by the manifest only, so such a file (a leftover of an earlier, larger
+    prepare into the same directory, or data copied in by hand) is never read. It is
+    probably not what the user meant: each one is logged once as a warning, naming it.
+    """
+    root = Path(root)
     manifest = manifest or read_manifest(root)
-    if split not in manifest["splits"]:
-        raise ShardError(f"{root}: no {split!r} split in the manifest (has {sorted(manifest['splits'])})")
-    return [root / s["file"] for s in manifest["splits"][split]["shards"]]
+    listed = {s["file"] for info in manifest["splits"].values() for s in info.get("shards", [])}
+    extra = sorted(p for p in root.glob("*.parquet") if p.name not in listed)
+    for path in extra:
+        key = (str(root.resolve()), path.name)
+        if key not in _warned_unlisted:
+            _warned_unlisted.add(key)
+            log.warning(f"{path}: not listed in {root / 'manifest.json'}, so it is ignored (delete it, or re-run "
+                        f"{PREPARE_COMMAND} with out_dir={root} to rewrite the dataset)")
+    return extra
 
 
 def verify_split(root: str | Path, split: str, *, checksums: bool = True) -> list[Path]:
@@ -251,8 +322,10 @@ def verify_split(root: str | Path, split: str, *, checksums: bool = True) -> lis
     """
     root = Path(root)
     manifest = read_manifest(root)
+    entries = split_info(root, split, manifest)["shards"]
+    unlisted_parquet_files(root, manifest)
     files = []
-    for entry in manifest["splits"].get(split, {}).get("shards", []):
+    for entry in entries:
         path = root / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: listed in the manifest but missing")
@@ -279,5 +352,7 @@ def verify_split(root: str | Path, split: str, *, checksums: bool = True) -> lis
 
 def read_metadata(root: str | Path, split: str) -> pa.Table:
     """Every column but the image bytes, for a whole split (small: tens of bytes a row)."""
-    files = split_files(root, split)
+    manifest = read_manifest(root)
+    files = split_files(root, split, manifest)
+    unlisted_parquet_files(root, manifest)
     return pa.concat_tables([pq.read_table(f, columns=METADATA_COLUMNS) for f in files])

@@ -3,6 +3,11 @@
 These run inside Ray Data ``map_batches`` on CPU workers, so they avoid torch and keep
 every step vectorisable per image. A row whose bytes do not decode is not dropped
 silently: its ``decode_ok`` flag is False and the consumer counts it.
+
+:func:`to_rgb` is the one place that turns a PIL image into the pixels a model sees (EXIF
+orientation applied, 16-bit greyscale scaled to 8 bits, any mode to RGB): training,
+validation, ``embed_images`` and prepare's size check (:func:`oriented_size`) all go
+through it, so a crop cannot look different to one of them.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from reidscale.config import ConfigError
 
@@ -48,16 +53,59 @@ class TransformConfig:
             raise ConfigError("std: every value must be > 0")
 
 
+EXIF_ORIENTATION = 0x0112
+# orientations 5-8 rotate by 90 or 270 degrees: width and height swap
+_SWAPS_AXES = {5, 6, 7, 8}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1, the default, when absent or out of range)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block must not make a good image unusable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after :func:`to_rgb` applies the EXIF orientation."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in _SWAPS_AXES else (width, height)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image → RGB as a viewer shows it.
+
+    - EXIF orientation applied (a phone or camera stores the sensor's rows and a tag
+      saying how to turn them; ignoring it feeds the model a sideways crop);
+    - 16-bit greyscale (``I;16*``, and ``I`` as older Pillow opens 16-bit PNGs) scaled to
+      8 bits by keeping the high byte: PIL's own ``convert`` clips at 255, so every pixel
+      above 255/65535 of full scale would turn white;
+    - every other mode through ``convert("RGB")`` (palette, greyscale, CMYK, alpha dropped).
+    """
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img)
+        if values.dtype != np.uint16:  # mode I is int32: keep it in the 16-bit range first
+            values = np.clip(values, 0, 65535)
+        img = Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode L
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode(data: bytes, height: int, width: int) -> np.ndarray | None:
-    """Bytes → HxWx3 uint8 resized to (height, width), or None if not a decodable image."""
+    """Bytes → HxWx3 uint8 resized to (height, width), or None if not a decodable image.
+
+    Pixels are :func:`to_rgb`'s: EXIF orientation applied, 16-bit greyscale scaled.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = to_rgb(img)
             if img.size != (width, height):
                 img = img.resize((width, height), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)

@@ -32,7 +32,7 @@ def embed_split_distributed(model, data_dir: str, split: str, cfg: TransformConf
                             device, dtype, batch_size: int = 128):
     """Every rank embeds rows rank::world; rank 0 gets (vectors, identities, cameras) of the whole split."""
     table = pa.concat_tables(
-        [pq.read_table(f, columns=["image", "identity", "camera", "row_id"]) for f in shards.split_files(data_dir, split)]
+        [pq.read_table(f, columns=["image", "identity", "camera", "row_id"]) for f in shards.verify_split(data_dir, split)]
     )
     mine = table.take(np.arange(rank, len(table), world))
     part = (_embed_part(model, mine, cfg, device, dtype, batch_size),

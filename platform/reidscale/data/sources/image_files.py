@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from PIL import Image, UnidentifiedImageError
 
 from reidscale.data.shards import SPLITS
-from reidscale.data.transforms import MAX_IMAGE_PIXELS
+from reidscale.data.transforms import MAX_IMAGE_PIXELS, oriented_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -71,6 +71,9 @@ class TooManyBadImages(ValueError):
 def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) of an image that decodes, else raise :class:`BadImage`.
 
+    The size is the displayed one (EXIF orientation applied, as ``transforms.decode`` does),
+    so the manifest's width/height describe the pixels training sees.
+
     Cheap on purpose: the size comes from the header and a bomb is refused before any
     pixel is decoded; a JPEG is then decoded at 1/8 scale (DCT scaling, which still reads
     the whole entropy-coded stream, so truncation shows), other formats in full (ReID
@@ -85,6 +88,7 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, i
             width, height = img.size
             if width < 1 or height < 1 or width * height > max_pixels:
                 raise BadImage("too_large", f"{width}x{height} pixels")
+            oriented = oriented_size(img)  # before draft() shrinks img.size
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             img.load()
@@ -96,7 +100,7 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, i
         raise BadImage("not_an_image") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken data
         raise BadImage("truncated" if "truncated" in str(exc).lower() else "corrupt", str(exc)) from None
-    return width, height
+    return oriented
 
 
 class SkipLog:

@@ -236,6 +236,21 @@ def images_per_identity(cfg: SyntheticConfig, rng: np.random.Generator, n: int) 
     return np.clip(counts, cfg.min_images_per_identity, cfg.max_images_per_identity).astype(int)
 
 
+def planned_images(cfg: SyntheticConfig) -> np.ndarray:
+    """Images per identity (index = identity - 1) as :func:`generate` draws them, without generating.
+
+    Exact in placeholder mode. In rendered mode an identity seen by more cameras than its
+    drawn count gets one image per camera (the camera draw comes later, interleaved with
+    rendering), so its real count is ``max(planned, cameras)``: a lower bound, a progress
+    bar can raise its total when an identity runs over.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.images != "placeholder":
+        for _ in range(cfg.num_cameras):  # the draws _rendered_records makes before the counts
+            _make_camera(rng)
+    return images_per_identity(cfg, rng, cfg.num_identities)
+
+
 PLACEHOLDER_WIDTH, PLACEHOLDER_HEIGHT = 4, 8
 
 
