@@ -358,7 +358,7 @@ class Gallery:
         """Re-measure the search settings on this gallery (see ``reidscale.index.calibrate``) and
         publish them in a new manifest generation; return the calibration report.
 
-        ``queries``: the user's query vectors; default a seeded sample of live gallery rows.
+        ``queries``: the user's query vectors; default one live gallery row per sampled identity.
         ``spec`` (``CalibrationSpec``): default the one of the last calibration (or the defaults).
         Ground truth is exact search over the vectors the shards store (Flat, RFlat re-ranking,
         HNSW storage); an index without exact vectors (PQ only, SQ8) raises ``GalleryError``.
@@ -383,17 +383,18 @@ class Gallery:
         """The calibration report for this gallery (nothing published); leaves its settings as they were.
 
         ``chunks``: ``[(vectors, row ids)]`` covering the live gallery, the exact ground truth.
-        Without ``queries``, ``spec.sample`` rows of ``chunks`` (seed ``spec.seed``) are the
-        queries and each one's own row is excluded from its results.
+        Without ``queries``, one row of each of ``spec.sample`` identities (seed ``spec.seed``,
+        see ``sample_query_rows``) are the queries, each one's own row excluded from its results.
         """
-        from reidscale.index.calibrate import calibrate_settings, drop_self, exact_topk, sample_rows
+        from reidscale.index.calibrate import calibrate_settings, drop_self, exact_topk, sample_query_rows
 
         spec.validate()
         snap = self._snap
         self_ids = None
         if queries is None:
             sizes = np.cumsum([0] + [len(ids) for _, ids in chunks])
-            pos = sample_rows(int(sizes[-1]), spec.sample, spec.seed)
+            all_ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in chunks])
+            pos = sample_query_rows(self.identities(all_ids), spec.sample, spec.seed)
             which = np.searchsorted(sizes, pos, side="right") - 1
             queries = np.concatenate([np.asarray(chunks[c][0][pos[which == c] - sizes[c]], np.float32)
                                       for c in range(len(chunks))])
