@@ -167,6 +167,9 @@ def calibrate_settings(search: Callable[[np.ndarray, int, dict], np.ndarray], qu
     else:
         measure({})  # nothing to set (Flat): the measurement is the record
 
+    if "HNSW" in factory and self_ids is not None:
+        log.warning("calibrating %s on gallery rows overstates its recall on new queries (the graph links each "
+                    "row to its neighbours); give calibration_queries for a faithful measurement", factory)
     reached = [r for r in tried if r["recall_at_k"] >= spec.target_recall]
     if reached:
         # q/s of a single timing is noisy on shared cores: time the close contenders again

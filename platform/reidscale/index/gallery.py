@@ -362,6 +362,8 @@ class Gallery:
         ``spec`` (``CalibrationSpec``): default the one of the last calibration (or the defaults).
         Ground truth is exact search over the vectors the shards store (Flat, RFlat re-ranking,
         HNSW storage); an index without exact vectors (PQ only, SQ8) raises ``GalleryError``.
+        While it runs, other threads searching through this same object see the settings being
+        tried (FAISS keeps them on the shared index objects); other processes are unaffected.
         """
         with self._write_lock, store.writer_lock(self.directory):
             return self._calibrate_locked(self._latest(), queries, spec)
