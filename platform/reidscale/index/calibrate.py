@@ -174,7 +174,7 @@ def calibrate_settings(search: Callable[[np.ndarray, int, dict], np.ndarray], qu
     if reached:
         # q/s of a single timing is noisy on shared cores: time the close contenders again
         top = max(r["qps"] for r in reached)
-        for r in [r for r in reached if r["qps"] >= 0.8 * top]:
+        for r in [r for r in reached if r["qps"] >= 0.8 * top and len(tried) > 1]:
             again = measure(r["params"])
             tried.pop()
             r["qps"] = max(r["qps"], again["qps"])
