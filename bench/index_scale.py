@@ -338,6 +338,8 @@ def main() -> None:
                 shutil.rmtree(index_dir, ignore_errors=True)
             rows.append({"source": source, "n": n, "dim": dim, "config": label, **result, "peak_rss_bytes": peak,
                          "load_1min_before": round(load, 2)})
+            # partial results after every row: a long run cut short still leaves its figures
+            write_results(f"{args.name}.partial", {"k": K, "rows": rows})
             print(f"  build {result['build_s']:.1f}s (calibration {result['calibration_s']:.1f}s)  "
                   f"{result['search']}  {result['qps']:.0f} q/s  recall@10 {result['recall10']:.4f}  "
                   f"peak {gib(peak)}", flush=True)
