@@ -160,3 +160,13 @@ def test_build_refuses_bad_precomputed_vectors_naming_file_and_rows(tmp_path):
     assert not (tmp_path / "i" / "manifest.json").exists()
     # a zero vector is a valid point for metric l2
     build_index(np.asarray(vectors), meta, tmp_path / "l2", metric="l2", factory="Flat", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("key,value", [("target_recall", 1.5), ("recall_k", 0), ("calibration_sample", 0),
+                                       ("recalibrate_fraction", 0.0), ("calibration_queries", "missing.npy")])
+def test_build_job_config_names_a_bad_calibration_key(key, value):
+    from reidscale.config import ConfigError
+    from reidscale.index.job import IndexJobConfig
+
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        IndexJobConfig(**{key: value}).validate()
