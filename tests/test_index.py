@@ -303,11 +303,15 @@ def test_auto_factory_is_recorded_with_its_search_settings(tmp_path, monkeypatch
     x, meta, _ = _clustered(n=3000)
     manifest = build_index(x, meta, tmp_path)
     assert manifest["factory"] == "IVF64,PQ16x4fs,RFlat" and manifest["factory_requested"] == "auto"
-    assert manifest["search"] == {"nprobe": 16, "k_factor_rf": 16}
+    # the stored settings are the calibrated ones, and the reader applies them
+    assert manifest["search"] == manifest["calibration"]["chosen"] and set(manifest["search"]) == {"nprobe", "k_factor_rf"}
     import faiss
 
     ivf = faiss.extract_index_ivf(Gallery(tmp_path).shards[0])
-    assert ivf.nprobe == 16
+    assert ivf.nprobe == manifest["search"]["nprobe"]
+    # given settings are kept as given, not calibrated
+    manifest = build_index(x, meta, tmp_path / "given", search_params={"nprobe": 16, "k_factor_rf": 16})
+    assert manifest["search"] == {"nprobe": 16, "k_factor_rf": 16} and "calibration" not in manifest
 
 
 def test_duplicate_or_negative_row_ids_are_refused(tmp_path):

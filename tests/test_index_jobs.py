@@ -145,6 +145,40 @@ def test_gallery_add_images_uses_the_manifest_model_and_refuses_another(tmp_path
         gallery.add(images=paths[:1], identities=[1], model_dir=other)
 
 
+def test_copied_index_and_model_find_each_other_and_a_changed_model_is_refused(tmp_path, tiny_model, images):
+    import shutil
+
+    from reidscale.embed import embed_images
+
+    paths, _ = images
+    site = tmp_path / "site"
+    shutil.copytree(tiny_model, site / "models" / "trained")
+    vectors, _ = embed_images(site / "models" / "trained", paths[:3])
+    meta = pa.table({"row_id": np.arange(3, dtype=np.int64), "identity": np.arange(3, dtype=np.int64),
+                     "camera": np.zeros(3, np.int32), "path": paths[:3]})
+    sha = json.loads((tiny_model / "config.json").read_text())["weights_sha256"]
+    manifest = build_index(vectors, meta, site / "index" / "g", factory="Flat", model_sha256=sha,
+                           model_dir=site / "models" / "trained", log=lambda *_: None)
+    assert manifest["model_dir"] == "../../models/trained" and len(manifest["model_weights_sha256"]) == 64
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(site, moved)
+    shutil.rmtree(site)  # the original place is gone: only the copy's relative path can work
+    gallery = Gallery(moved / "index" / "g")
+    ids = gallery.add(images=paths[3:4], identities=[7])
+    query, _ = embed_images(moved / "models" / "trained", paths[3:4])
+    assert gallery.search_identities(query, 1)[0][0, 0] == 7 and gallery.search(query, 1)[1][0, 0] == ids[0]
+    # same config.json claim, different weight bytes: refused by the weights' sha256
+    weights = moved / "models" / "trained" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not hash to the index's model_weights_sha256"):
+        gallery.add(images=paths[4:5], identities=[8])
+    shutil.rmtree(moved / "models")
+    with pytest.raises(FileNotFoundError, match=r"embedding model not found at .*recorded as '\.\./\.\./models/trained'"):
+        gallery.add(images=paths[4:5], identities=[8])
+
+
 def test_search_job_on_a_query_split_reports_rank1(tmp_path, tiny_model):
     from reidscale.data.shards import write_dataset
     from reidscale.embed import embed_split_in_process
@@ -176,6 +210,11 @@ def test_build_job_takes_precomputed_vectors_from_npy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "index" / "g" / "build_summary.json").read_text())
     assert summary["factory"] == "Flat" and summary["num_shards"] == 3 and summary["ntotal"] == 300
+    # calibrated and reported: exact search measures recall 1 (100 identities, filled up to all 300 rows)
+    cal = summary["calibration"]
+    assert cal["recall_at_k"] == 1.0 and cal["reached"] and cal["sample"] == 300 and cal["qps"] > 0
+    assert (tmp_path / "index" / "g" / "calibration.png").stat().st_size > 0
+    assert "recall@10 1.0000" in proc.stdout
     gallery = Gallery(tmp_path / "index" / "g")
     scores, ids = gallery.search(_unit(x[:5]), 1)
     assert ids[:, 0].tolist() == [7, 8, 9, 10, 11] and np.allclose(scores[:, 0], 1, atol=1e-5)

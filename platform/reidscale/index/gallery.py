@@ -16,6 +16,7 @@ directory during a write sees g or g+1 whole, never a mixture.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,11 @@ import pyarrow.parquet as pq
 from reidscale.index import manifest as store
 from reidscale.index.build import fill_shard, params_string
 from reidscale.index.manifest import GalleryError
+from reidscale.index.vectors import check_vectors
 
 __all__ = ["Gallery", "GalleryError", "merge_topk"]
+
+log = logging.getLogger(__name__)
 
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +82,7 @@ class Gallery:
     """
 
     def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0,
-                 search_params: dict | None = None, use_gpu: str = "auto"):
+                 search_params: dict | None = None, use_gpu: str = "auto", _manifest: dict | None = None):
         self.directory = Path(directory)
         self.verify = verify
         self._threads = threads
@@ -89,13 +93,13 @@ class Gallery:
         self._write_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_workers = 1
-        self._snap = self._open(store.read_manifest(self.directory))
+        # _manifest: the build opens its not yet published manifest to calibrate it
+        self._snap = self._open(_manifest if _manifest is not None else store.read_manifest(self.directory))
 
     # ------------------------------------------------------------------ loading
     def _open(self, manifest: dict) -> _Snapshot:
         import faiss
 
-        params = params_string({**manifest.get("search", {}), **self._search_override})
         shards = []
         for entry in manifest["shards"]:
             key = (entry["file"], entry["sha256"])
@@ -104,10 +108,11 @@ class Gallery:
                 index = faiss.read_index(str(path))
                 if index.ntotal != entry["ntotal"]:
                     raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
-                if params:
-                    faiss.ParameterSpace().set_index_parameters(index, params)
                 self._loaded[key] = self._to_device(index)
             shards.append(self._loaded[key])
+        # set on every shard each time, not only on first load: a new generation may carry
+        # recalibrated settings for shards already loaded (they are shared across generations)
+        self._apply_params(shards, {**manifest.get("search", {}), **self._search_override})
         removed = [np.zeros(0, np.int64)]
         for entry in manifest.get("removed", []):
             path = store.verified(self.directory, entry, verify=self.verify)
@@ -126,6 +131,15 @@ class Gallery:
             self._pool = ThreadPoolExecutor(max_workers=workers, initializer=lambda: faiss.omp_set_num_threads(omp))
             self._pool_workers = workers
         return snap
+
+    @staticmethod
+    def _apply_params(shards: list, params: dict) -> None:
+        import faiss
+
+        if params:
+            text = params_string(params)
+            for index in shards:
+                faiss.ParameterSpace().set_index_parameters(index, text)
 
     def _table(self, entry: dict) -> pa.Table:
         key = (entry["file"], entry["sha256"])
@@ -194,6 +208,7 @@ class Gallery:
             raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        check_vectors(queries, "queries", self.metric)
         larger = snap.manifest["metric"] == "ip"
         if not len(snap.removed):
             return self._search_shards(snap, queries, k, larger)
@@ -228,6 +243,10 @@ class Gallery:
         An identity's score is that of its best image; pads with identity -1.
         """
         snap = self._snap
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
+        check_vectors(queries, "queries", self.metric)
         larger = snap.manifest["metric"] == "ip"
         out_ident = np.full((len(queries), k), -1, np.int64)
         out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
@@ -296,6 +315,7 @@ class Gallery:
         n = len(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"vectors must be N×{self.dim}, got {vectors.shape}")
+        check_vectors(vectors, "added vectors", self.metric)
         identities = np.asarray(identities, dtype=np.int64).reshape(-1)
         if len(identities) != n:
             raise ValueError(f"{n} vectors but {len(identities)} identities")
@@ -322,9 +342,106 @@ class Gallery:
                 "metadata": {"file": f"{name}.parquet", "rows": n,
                              "sha256": store.write_table(meta, self.directory / f"{name}.parquet")},
             }
-            self._publish({**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
-                           "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1})
+            manifest = {**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
+                        "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1}
+            self._publish(manifest)
+            cal = manifest.get("calibration")
+            if cal and manifest["next_row_id"] - cal["next_row_id"] > cal["recalibrate_fraction"] * cal["ntotal"]:
+                # enough new rows that the measured recall no longer describes this gallery
+                try:
+                    self._calibrate_locked(manifest, None, None)
+                except GalleryError as exc:
+                    log.warning("%s: not recalibrated after add: %s", self.directory, exc)
         return ids
+
+    def calibrate(self, queries: np.ndarray | None = None, spec=None) -> dict:
+        """Re-measure the search settings on this gallery (see ``reidscale.index.calibrate``) and
+        publish them in a new manifest generation; return the calibration report.
+
+        ``queries``: the user's query vectors; default one live gallery row per sampled identity.
+        ``spec`` (``CalibrationSpec``): default the one of the last calibration (or the defaults).
+        Ground truth is exact search over the vectors the shards store (Flat, RFlat re-ranking,
+        HNSW storage); an index without exact vectors (PQ only, SQ8) raises ``GalleryError``.
+        While it runs, other threads searching through this same object see the settings being
+        tried (FAISS keeps them on the shared index objects); other processes are unaffected.
+        """
+        with self._write_lock, store.writer_lock(self.directory):
+            return self._calibrate_locked(self._latest(), queries, spec)
+
+    def _calibrate_locked(self, manifest: dict, queries, spec) -> dict:
+        from reidscale.index.calibrate import CalibrationSpec
+
+        if spec is None:
+            old = manifest.get("calibration") or {}
+            spec = CalibrationSpec(**{f: old[f] for f in CalibrationSpec.__dataclass_fields__ if f in old})
+        report = self.measure_settings(self._exact_chunks(), spec, queries=queries)
+        gen = int(manifest.get("generation", 0)) + 1
+        self._publish({**manifest, "generation": gen, "search": report["chosen"],
+                       "calibration": {**report, "generation": gen}})
+        return report
+
+    def measure_settings(self, chunks: list, spec, *, queries: np.ndarray | None = None,
+                         budget_bytes: int | None = None) -> dict:
+        """The calibration report for this gallery (nothing published); leaves its settings as they were.
+
+        ``chunks``: ``[(vectors, row ids)]`` covering the live gallery, the exact ground truth.
+        Without ``queries``, one row of each of ``spec.sample`` identities (seed ``spec.seed``,
+        see ``sample_query_rows``) are the queries, each one's own row excluded from its results.
+        """
+        from reidscale.index.calibrate import calibrate_settings, drop_self, exact_topk, sample_query_rows
+
+        spec.validate()
+        snap = self._snap
+        self_ids = None
+        if queries is None:
+            sizes = np.cumsum([0] + [len(ids) for _, ids in chunks])
+            all_ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in chunks])
+            pos = sample_query_rows(self.identities(all_ids), spec.sample, spec.seed)
+            which = np.searchsorted(sizes, pos, side="right") - 1
+            queries = np.concatenate([np.asarray(chunks[c][0][pos[which == c] - sizes[c]], np.float32)
+                                      for c in range(len(chunks))])
+            self_ids = np.concatenate([np.asarray(chunks[c][1])[pos[which == c] - sizes[c]] for c in range(len(chunks))])
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"calibration queries must be Q×{self.dim}, got {queries.shape}")
+        check_vectors(queries, "calibration queries", self.metric)
+        fetch = spec.recall_k + (self_ids is not None)
+        _, truth = exact_topk(chunks, queries, fetch, self.metric)
+        truth = drop_self(truth, self_ids, spec.recall_k)
+
+        def search(q, k, params):
+            self._apply_params(snap.shards, params)
+            return self.search(q, k)[1]
+
+        try:
+            report = calibrate_settings(search, queries, truth, snap.manifest["factory"], spec, self_ids=self_ids,
+                                        budget_bytes=budget_bytes or snap.manifest.get("memory_budget_bytes"))
+        finally:
+            self._apply_params(snap.shards, {**snap.manifest.get("search", {}), **self._search_override})
+        return {**report, "ntotal": int(self.ntotal), "next_row_id": int(snap.manifest.get("next_row_id", 0))}
+
+    def _exact_chunks(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, row ids) of the live rows, read from the exact vectors the shards keep."""
+        import faiss
+
+        snap, chunks = self._snap, []
+        for shard in snap.shards:
+            idmap = faiss.downcast_index(shard)
+            inner = faiss.downcast_index(idmap.index)
+            if isinstance(inner, faiss.IndexRefine):
+                inner = faiss.downcast_index(inner.refine_index)
+            elif isinstance(inner, faiss.IndexHNSW):
+                inner = faiss.downcast_index(inner.storage)
+            if not isinstance(inner, faiss.IndexFlat):
+                raise GalleryError(f"{self.directory}: {snap.manifest['factory']} keeps no exact vectors to measure "
+                                   "recall against; calibrate with Gallery.measure_settings and the gallery's vectors")
+            n = inner.ntotal
+            vectors = faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim) if n else \
+                np.zeros((0, self.dim), np.float32)
+            ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+            live = ~np.isin(ids, snap.removed)
+            chunks.append((vectors if live.all() else vectors[live], ids if live.all() else ids[live]))
+        return chunks
 
     def remove(self, row_ids: Sequence[int] | np.ndarray) -> int:
         """Remove rows by id (unknown or already removed ids are ignored); return how many were removed."""
@@ -371,13 +488,31 @@ class Gallery:
         return empty
 
     def _model_dir(self, model_dir: str | Path | None) -> Path:
-        model_dir = Path(model_dir or self.manifest.get("model_dir") or "")
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"model_dir {str(model_dir)!r}: no exported embedding model to embed images with")
+        """The embedding model of this index: ``model_dir`` if given, else the manifest's (a path
+        relative to the index directory, so a copied index + model still find each other);
+        its weights file must hash to the manifest's ``model_weights_sha256``."""
         import json
 
-        sha = json.loads((model_dir / "config.json").read_text()).get("weights_sha256")
+        from reidscale.data.shards import sha256_file
+
+        recorded = self.manifest.get("model_dir") or ""
+        if model_dir:
+            path = Path(model_dir)
+        elif recorded:
+            path = Path(recorded) if Path(recorded).is_absolute() else (self.directory / recorded)
+        else:
+            raise FileNotFoundError(f"index {self.directory}: no model recorded (built from precomputed vectors); "
+                                    "pass model_dir=")
+        if not (path / "config.json").is_file():
+            where = f" (recorded as {recorded!r}, relative to the index directory)" if not model_dir else ""
+            raise FileNotFoundError(f"index {self.directory}: embedding model not found at {path}{where}; copy the "
+                                    "model beside the index as it was, or pass model_dir=")
+        sha = json.loads((path / "config.json").read_text()).get("weights_sha256")
         if self.manifest.get("model_sha256") and sha != self.manifest["model_sha256"]:
-            raise ValueError(f"model {model_dir} (weights {str(sha)[:12]}) is not the model this index was built "
+            raise ValueError(f"model {path} (weights {str(sha)[:12]}) is not the model this index was built "
                              f"with ({self.manifest['model_sha256'][:12]}); its embeddings would not be comparable")
-        return model_dir
+        want = self.manifest.get("model_weights_sha256")
+        if want and (not (path / "model.safetensors").is_file() or sha256_file(path / "model.safetensors") != want):
+            raise ValueError(f"model {path}: model.safetensors does not hash to the index's model_weights_sha256 "
+                             f"{want[:12]} (changed or corrupt); refusing to embed with it")
+        return path.resolve()

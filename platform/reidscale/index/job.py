@@ -15,7 +15,8 @@ from reidscale import tracking
 from reidscale.config import ConfigError
 from reidscale.data.shards import atomic_write_json, sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
-from reidscale.index.build import build_index
+from reidscale.index.build import build_index, params_string
+from reidscale.index.calibrate import CalibrationSpec
 from reidscale.tracking import TrackingConfig
 
 FACTORY_CHECK_DIMS = (64, 128, 256, 384, 512, 768, 1024, 2048)
@@ -46,6 +47,18 @@ class IndexJobConfig:
     search_params: str = ""
     # vectors sampled to train IVF/PQ; 0: 64 per IVF cell
     train_size: int = 0
+    # measure search settings on this gallery after building (ignored when search_params are given):
+    # the cheapest nprobe / k_factor_rf / efSearch whose recall@recall_k against exact search reaches target_recall
+    calibrate: bool = True
+    target_recall: float = 0.95
+    recall_k: int = 10
+    # queries for calibration: empty = a seeded sample of gallery rows (each one's own row excluded);
+    # an N×D float32 .npy of query vectors; or a split of data_dir ("query"), embedded with the model
+    calibration_queries: str = ""
+    calibration_sample: int = 1000
+    calibration_seed: int = 0
+    # Gallery.add re-calibrates once the rows added since the last calibration exceed this fraction of the gallery
+    recalibrate_fraction: float = 0.1
     # L2-normalise precomputed vectors that are not (metric ip is then cosine)
     normalize: bool = True
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -75,6 +88,20 @@ class IndexJobConfig:
             raise ConfigError(f"search_params: {exc}") from None
         if self.embeddings and not Path(self.embeddings).exists():
             raise ConfigError(f"embeddings: {self.embeddings} does not exist")
+        try:
+            self.calibration_spec().validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        q = self.calibration_queries
+        if q.endswith(".npy") and not Path(q).is_file():
+            raise ConfigError(f"calibration_queries: {q} does not exist")
+        if q and not q.endswith(".npy") and self.embeddings:
+            raise ConfigError(f"calibration_queries: split {q!r} needs a model to embed it; with embeddings= give "
+                              "a .npy of query vectors")
+
+    def calibration_spec(self) -> CalibrationSpec:
+        return CalibrationSpec(target_recall=self.target_recall, recall_k=self.recall_k, sample=self.calibration_sample,
+                               seed=self.calibration_seed, recalibrate_fraction=self.recalibrate_fraction)
 
     def resolved(self) -> "IndexJobConfig":
         run_dir = Path(self.run_dir).resolve()
@@ -87,6 +114,8 @@ class IndexJobConfig:
             data_dir=str(Path(self.data_dir).resolve() if self.data_dir else run_dir / "data"),
             out_dir=str(Path(self.out_dir).resolve() if self.out_dir else run_dir / "index" / default_name),
             embeddings=str(Path(self.embeddings).resolve()) if self.embeddings else "",
+            calibration_queries=(str(Path(self.calibration_queries).resolve())
+                                 if self.calibration_queries.endswith(".npy") else self.calibration_queries),
         )
 
 
@@ -150,11 +179,44 @@ def _l2_normalise(vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     return out
 
 
+def _calibration_queries(cfg: IndexJobConfig, out_dir: Path) -> np.ndarray | None:
+    q = cfg.calibration_queries
+    if not q:
+        return None
+    if q.endswith(".npy"):
+        queries = np.load(q, mmap_mode="r")
+        if queries.ndim != 2 or queries.dtype != np.float32:
+            raise ValueError(f"{q}: expected an N×D float32 array of query vectors, got {queries.shape} {queries.dtype}")
+        queries = np.asarray(queries)
+        return _l2_normalise(queries) if cfg.normalize and cfg.metric == "ip" and not _normalised(queries) else queries
+    emb_dir = out_dir / f"calibration-{q}"
+    stats = embed_split(cfg.model_dir, cfg.data_dir, q, emb_dir, cfg.embed)
+    return read_embeddings(emb_dir, stats["files"])[0]
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The few lines a person reads after a build (the JSON file has everything)."""
+    lines = [f"index {summary['index_dir']}: {summary['ntotal']:,} vectors, {summary['factory']}, "
+             f"{summary['num_shards']} shard(s), built in {summary['build_time_s']:.1f}s"]
+    cal = summary.get("calibration")
+    if cal:
+        lines.append(f"  search settings {params_string(cal['chosen']) or '(none)'}: recall@{cal['recall_k']} "
+                     f"{cal['recall_at_k']:.4f}, recall@1 {cal['recall_at_1']:.4f}, {cal['qps']:,.0f} queries/s "
+                     f"(measured on {cal['sample']} {cal['queries_source']}, seed {cal['seed']}, "
+                     f"{cal['settings_tried']} settings in {cal['time_s']:.1f}s)")
+        if not cal["reached"]:
+            lines.append(f"  WARNING: {cal['message']}")
+    else:
+        lines.append(f"  search settings {params_string(summary['search']) or '(none)'} (given, not calibrated)")
+    return lines
+
+
 def build_gallery_index(cfg: IndexJobConfig) -> dict:
     """Embed (or load) the gallery, build the index; write ``<out_dir>/build_summary.json``; return the summary."""
     cfg = cfg.resolved()
     out_dir = Path(cfg.out_dir)
     extra: dict = {"split": cfg.split}
+    model_dir = None
     if cfg.embeddings:
         vectors, metadata, model_sha = load_precomputed(cfg.embeddings, cfg.normalize)
         embed_stats = {"embedded": len(vectors), "source": cfg.embeddings}
@@ -170,20 +232,34 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         else:
             embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed)
         vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
-        extra.update({"model_dir": cfg.model_dir, "data_dir": cfg.data_dir,
+        model_dir = cfg.model_dir
+        extra.update({"data_dir": cfg.data_dir,
                       # sha256 per file, so a reader that reuses them (jobs/evaluate.py) can check them
                       "embeddings": {"dir": "embeddings", "files": embed_stats["files"],
                                      "sha256": embed_stats.get("file_sha256")
                                      or {f: sha256_file(emb_dir / f) for f in embed_stats["files"]}}})
+    calibrate = cfg.calibrate and not cfg.search_params
     manifest = build_index(
         vectors, metadata, out_dir, factory=cfg.factory, metric=cfg.metric, num_shards=cfg.num_shards,
         model_sha256=model_sha, memory_budget_bytes=int(cfg.memory_budget_gb * 2**30),
         search_params=parse_search_params(cfg.search_params), train_size=cfg.train_size, extra=extra,
+        calibration=cfg.calibration_spec() if calibrate else None,
+        calibration_queries=_calibration_queries(cfg, out_dir) if calibrate else None,
+        model_dir=model_dir, source=f"gallery vectors from {cfg.embeddings or cfg.split}",
     )
     summary = {"index_dir": str(out_dir), "ntotal": manifest["ntotal"], "factory": manifest["factory"],
                "search": manifest["search"], "num_shards": len(manifest["shards"]),
                "build_time_s": manifest["build_time_s"], "embed": embed_stats}
+    cal = manifest.get("calibration")
+    if cal:
+        summary["calibration"] = {k: cal[k] for k in ("target_recall", "recall_k", "sample", "seed", "queries_source",
+                                                       "chosen", "recall_at_1", "recall_at_k", "qps", "reached",
+                                                       "message", "time_s", "generation")}
+        summary["calibration"].update({"settings_tried": len(cal["tried"]), "plot": "calibration.png"})
+        summary["calibration_time_fraction"] = cal["time_s"] / max(manifest["build_time_s"], 1e-9)
     atomic_write_json(out_dir / "build_summary.json", summary)
+    for line in summary_lines(summary):
+        print(line, flush=True)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
     run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
                                 tags={"reidscale.job": "build_index"})
@@ -193,7 +269,15 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         metrics.update({"embed_images_per_s": embed_stats["images_per_s"],
                         "embed_images_per_s_per_actor": embed_stats["images_per_s_per_actor"],
                         "decode_errors": embed_stats["decode_errors"]})
+    if cal:
+        metrics.update({"index_recall_at_k": cal["recall_at_k"], "index_recall_at_1": cal["recall_at_1"],
+                        "index_qps": cal["qps"], "index_calibration_time_s": cal["time_s"],
+                        "index_target_reached": float(cal["reached"]),
+                        **{f"index_{k}": v for k, v in cal["chosen"].items()}})
     tracking.log_metrics(c, run_id, metrics)
     c.log_artifact(run_id, str(out_dir / "manifest.json"))
+    c.log_artifact(run_id, str(out_dir / "build_summary.json"))
+    if cal and (out_dir / "calibration.png").is_file():
+        c.log_artifact(run_id, str(out_dir / "calibration.png"))
     c.set_terminated(run_id)
     return summary
