@@ -254,8 +254,10 @@ def test_restart_keeps_every_acknowledged_enrolment(service, world):
     v = _unit(np.random.default_rng(9).standard_normal((3, 16)))
     enrolled = post(service, "/enrol", {"vectors": v.tolist(), "identity": 7777}).json()
     app = service["app"]
-    app.stop()  # controller, proxy and every replica gone; the next start opens the index from disk
-    service["url"] = app.start(_config(world))
+    pid = requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()["gallery_pid"]
+    # every replica (embedder, gallery, ingress) replaced: new processes open the index from disk
+    app.redeploy(_config(world))
     r = post(service, "/search", {"vectors": v.tolist(), "k": 1}).json()
     assert [q["matches"][0]["row_id"] for q in r["results"]] == enrolled["row_ids"]
     assert r["generation"] == enrolled["generation"]
+    assert requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()["gallery_pid"] != pid

@@ -301,6 +301,14 @@ def start(cfg: ServeConfig) -> str:
     return url
 
 
+def redeploy(cfg: ServeConfig) -> None:
+    """Replace the application's replicas with new ones (which reopen the index from disk); Serve stays up."""
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
+
+
 def stop() -> None:
     """Delete the application and stop Serve's controller and proxies on this cluster."""
     from ray import serve

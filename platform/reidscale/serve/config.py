@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from reidscale.config import ConfigError, load_config
 
@@ -29,10 +29,12 @@ class EmbedderConfig:
     threads: int = 0
 
     def validate(self) -> None:
-        if self.replicas < 1 or self.max_batch_size < 1:
-            raise ConfigError("replicas, max_batch_size: must be >= 1")
-        if self.batch_wait_ms < 0 or self.num_cpus < 0 or self.threads < 0:
-            raise ConfigError("batch_wait_ms, num_cpus, threads: must be >= 0")
+        for name in ("replicas", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)}; must be >= 1")
+        for name in ("batch_wait_ms", "num_cpus", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)}; must be >= 0")
 
 
 @dataclass
@@ -44,15 +46,17 @@ class GalleryServeConfig:
     # how often a replica looks for a generation another writer published
     refresh_s: float = 1.0
     # FAISS search-time overrides, e.g. {nprobe: 64}
-    search_params: dict = field(default_factory=dict)
+    search_params: dict[str, Any] = field(default_factory=dict)
     # check every index file's sha256 when loading (slow for very large indexes)
     verify: bool = True
 
     def validate(self) -> None:
         if self.replicas < 1:
-            raise ConfigError("replicas: must be >= 1")
+            raise ConfigError(f"replicas: {self.replicas}; must be >= 1")
+        if self.num_cpus < 0:
+            raise ConfigError(f"num_cpus: {self.num_cpus}; must be >= 0")
         if self.refresh_s <= 0:
-            raise ConfigError("refresh_s: must be > 0")
+            raise ConfigError(f"refresh_s: {self.refresh_s}; must be > 0")
 
 
 @dataclass
@@ -88,8 +92,9 @@ class ServeConfig:
             raise ConfigError(f"index_dir: {self.index_dir} holds no manifest.json (build it with jobs/build_index.py)")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port")
-        if self.max_request_mb <= 0 or self.max_image_mb <= 0 or self.max_items < 1 or self.max_k < 1:
-            raise ConfigError("max_request_mb, max_image_mb, max_items, max_k: must be > 0")
+        for name in ("max_request_mb", "max_image_mb", "max_items", "max_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)}; must be > 0")
         if self.max_image_mb > self.max_request_mb:
             raise ConfigError("max_image_mb: larger than max_request_mb; no request could carry such an image")
         if not self.route_prefix.startswith("/"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -137,7 +138,8 @@ class GalleryService:
             m = self.gallery.manifest
             return {"generation": self.gallery.generation, "vectors": int(self.gallery.ntotal),
                     "dim": self.gallery.dim, "metric": self.gallery.metric, "factory": m.get("factory"),
-                    "shards": len(m["shards"]), "model_sha256": m.get("model_sha256", "")}
+                    "shards": len(m["shards"]), "model_sha256": m.get("model_sha256", ""),
+                    "gallery_pid": os.getpid()}
 
     def search(self, queries: np.ndarray, k: int, cameras=None, exclude_camera=None) -> dict:
         self._maybe_refresh()
