@@ -164,6 +164,13 @@ def check_enrolments(index_dir: Path, before_rows: int, acked: list[dict]) -> di
                        and g.ntotal - before_rows == len(rows) and len({a["identity"] for a in acked}) == len(acked))}
 
 
+def _get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index-dir", required=True)
@@ -215,6 +222,8 @@ def main() -> None:
                 res = asyncio.run(closed_loop(url, bodies, c, args.requests, args.time_limit))
                 res["load_average_1min"] = round(__import__("os").getloadavg()[0], 2)
                 row = {"path": "HTTP (Serve)", "query": query, "concurrency": c, **res}
+                if query == "image":  # cumulative model calls vs images: is @serve.batch batching?
+                    row["embedder_batching"] = _get_json(url + "/info")["embedder"]["batching_of_one_replica"]
                 print(row, flush=True)
                 load.append(row)
         before = Gallery(index_dir).ntotal

@@ -188,6 +188,7 @@ def ingress_deployment():
         @api.get("/info")
         async def info(self) -> dict:
             gallery = await self.gallery.info.remote()
+            batching = await self.embedder.stats.remote() if self.embedder is not None else None
             p = self.plan
             return {
                 "index_dir": p["index_dir"], **gallery,
@@ -196,7 +197,7 @@ def ingress_deployment():
                 "threshold_source": self.threshold.source,
                 "threshold_details": self.threshold.details,
                 "limits": {k: p[k] for k in ("max_request_bytes", "max_image_bytes", "max_items", "max_k")},
-                "embedder": p["embedder"], "gallery": p["gallery"],
+                "embedder": {**p["embedder"], "batching_of_one_replica": batching}, "gallery": p["gallery"],
                 "auth": "bearer token" if p["token"] else "none",
             }
 

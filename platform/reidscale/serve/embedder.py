@@ -69,12 +69,20 @@ def embedder_deployment():
             self.sie = int(self.embedder.config["model"].get("sie_cameras", 0) or 0)
             self.embed.set_max_batch_size(max_batch_size)
             self.embed.set_batch_wait_timeout_s(batch_wait_s)
+            self.batches, self.images, self.largest = 0, 0, 0
+
+        async def stats(self) -> dict:
+            """This replica's batching so far: how many model calls for how many images."""
+            return {"batches": self.batches, "images": self.images, "largest_batch": self.largest,
+                    "mean_batch": round(self.images / max(self.batches, 1), 2)}
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
         async def embed(self, items: list[tuple[bytes, int | None]]) -> list[np.ndarray | None]:
             """One image (and its camera) per call; Serve gathers concurrent calls into ``items``."""
             images = [b for b, _ in items]
             cameras = [c for _, c in items] if self.sie else None
+            self.batches, self.images = self.batches + 1, self.images + len(items)
+            self.largest = max(self.largest, len(items))
             # in a thread: the event loop keeps queueing the next batch while this one runs
             return await asyncio.to_thread(self.embedder, images, cameras)
 
