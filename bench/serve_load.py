@@ -204,7 +204,7 @@ def main() -> None:
     for r in rows:
         print(r, flush=True)
 
-    cfg = config_from_args({"index_dir": str(index_dir), "model_dir": str(model_dir), "port": 0, "token": "",
+    cfg = config_from_args({"index_dir": str(index_dir), "model_dir": str(model_dir), "port": 0, "token": "", "access_log": False,
                             "embedder": {"max_batch_size": args.max_batch_size, "num_cpus": 0.5},
                             "gallery": {"num_cpus": 0.5}})
     t0 = time.perf_counter()

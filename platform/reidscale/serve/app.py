@@ -296,7 +296,8 @@ def start(cfg: ServeConfig) -> str:
         ray.init(address=address, configure_logging=False, **kwargs)
     port = cfg.port or free_port(cfg.host)
     serve.start(http_options={"host": cfg.host, "port": port})
-    serve.run(build_app(cfg, p), name=APP_NAME, route_prefix=cfg.route_prefix)
+    serve.run(build_app(cfg, p), name=APP_NAME, route_prefix=cfg.route_prefix,
+              logging_config={"enable_access_log": cfg.access_log})
     url = f"http://{cfg.host}:{port}{cfg.route_prefix.rstrip('/')}"
     log.info("serving %s at %s", p["index_dir"], url)
     return url
@@ -307,7 +308,8 @@ def redeploy(cfg: ServeConfig) -> None:
     from ray import serve
 
     serve.delete(APP_NAME)
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=cfg.route_prefix,
+              logging_config={"enable_access_log": cfg.access_log})
 
 
 def stop() -> None:

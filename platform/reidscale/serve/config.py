@@ -82,6 +82,8 @@ class ServeConfig:
     max_image_mb: float = 4.0
     max_items: int = 256  # images or vectors per request
     max_k: int = 1000
+    # one log line per request in each replica's log (Serve's access log)
+    access_log: bool = True
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     gallery: GalleryServeConfig = field(default_factory=GalleryServeConfig)
 
