@@ -135,3 +135,59 @@ def test_serve_config_files_are_valid_serve_and_service_configs():
     assert set(app.args) <= fields
     local = yaml.safe_load((REPO / "configs" / "serve" / "local.yaml").read_text())
     assert set(local) <= fields and local["host"] == "127.0.0.1"
+
+
+def _export(path, seed=0, **model_kw):
+    from dataclasses import replace
+
+    import torch
+
+    from reidscale.data.transforms import TransformConfig
+    from reidscale.models.backbone import ModelConfig
+    from reidscale.models.reid import build_reid_model, export_embedding_model
+
+    cfg = replace(ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=8), **model_kw)
+    size = TransformConfig(height=32, width=16)
+    torch.manual_seed(seed)
+    model = build_reid_model(cfg, size, num_classes=4)
+    if cfg.sie_cameras:
+        with torch.no_grad():  # SIE rows start near zero; make cameras clearly different
+            model.embedding.backbone.sie_embed.normal_()
+    return export_embedding_model(model.embedding, cfg, size, path)
+
+
+def _jpegs(n):
+    from reidscale.data.sources.synthetic import SyntheticConfig, generate
+
+    records = generate(SyntheticConfig(num_identities=4, train_fraction=0.5, height=32, width=16,
+                                       images_per_identity_median=4, max_images_per_identity=4))
+    return [r["image"] for r in records][:n]
+
+
+def test_service_embedder_equals_in_process_embedding_with_sie_cameras(tmp_path):
+    from reidscale.embed import embed_images
+    from reidscale.serve.embedder import ImageEmbedder, model_summary
+
+    export = _export(tmp_path / "sie", sie_cameras=3)
+    images = _jpegs(4)
+    out = ImageEmbedder(str(export))(images + [b"not an image"], cameras=[0, 1, 2, 0, 1])
+    assert out[-1] is None
+    ref, _ = embed_images(export, images, cameras=[0, 1, 2, 0])
+    np.testing.assert_allclose(np.stack(out[:4]), ref, atol=1e-5)
+    assert model_summary(export)["sie_cameras"] == 3
+
+
+def test_plan_refuses_a_model_the_index_was_not_built_with(tmp_path):
+    from reidscale.serve.app import plan
+
+    export = _export(tmp_path / "model")
+    other = _export(tmp_path / "other", seed=1)
+    sha = json.loads((export / "config.json").read_text())["weights_sha256"]
+    _index(tmp_path / "index", sha=sha)
+    cfg = config_from_args({"index_dir": str(tmp_path / "index"), "model_dir": str(export), "score_threshold": 0.5})
+    p = plan(cfg)
+    assert p["model"]["weights_sha256"] == sha and p["threshold"]["value"] == 0.5 and p["index_dir"].startswith("/")
+    with pytest.raises(ValueError, match="not the model this index was built with"):
+        plan(config_from_args({"index_dir": str(tmp_path / "index"), "model_dir": str(other)}))
+    vectors_only = plan(config_from_args({"index_dir": str(tmp_path / "index"), "model_dir": "none"}))
+    assert vectors_only["model"] is None and vectors_only["threshold"]["value"] is None
