@@ -181,6 +181,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="distinct query images")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads in-process and per embedder replica (Ray gives a 0.5-CPU actor 1 OpenMP "
+                         "thread; the same here keeps the comparison fair on a shared machine)")
     ap.add_argument("--name", default="serve_load")
     args = ap.parse_args()
 
@@ -189,6 +192,9 @@ def main() -> None:
     from reidscale.serve import app
     from reidscale.serve.config import config_from_args
 
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     src = Path(args.index_dir).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     index_dir = work / "index"
@@ -205,7 +211,8 @@ def main() -> None:
         print(r, flush=True)
 
     cfg = config_from_args({"index_dir": str(index_dir), "model_dir": str(model_dir), "port": 0, "token": "", "access_log": False,
-                            "embedder": {"max_batch_size": args.max_batch_size, "num_cpus": 0.5},
+                            "embedder": {"max_batch_size": args.max_batch_size, "num_cpus": 0.5,
+                                                 "threads": args.torch_threads},
                             "gallery": {"num_cpus": 0.5}})
     t0 = time.perf_counter()
     url = app.start(cfg)
