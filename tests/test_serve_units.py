@@ -191,3 +191,39 @@ def test_plan_refuses_a_model_the_index_was_not_built_with(tmp_path):
         plan(config_from_args({"index_dir": str(tmp_path / "index"), "model_dir": str(other)}))
     vectors_only = plan(config_from_args({"index_dir": str(tmp_path / "index"), "model_dir": "none"}))
     assert vectors_only["model"] is None and vectors_only["threshold"]["value"] is None
+
+
+def test_searches_during_enrolments_answer_from_the_generation_they_report(tmp_path):
+    """A search that reports generation >= g sees what g added; one that reports < g does not."""
+    import threading
+    import time
+
+    _index(tmp_path, n=60, d=8)
+    service = GalleryService(str(tmp_path), refresh_s=1e9)
+    rng = np.random.default_rng(5)
+    new = rng.standard_normal((15, 8)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    acked, seen, done = {}, [], threading.Event()
+
+    def search():
+        while not done.is_set():
+            i = int(rng.integers(len(new)))
+            r = service.search(new[i : i + 1], 1)
+            seen.append((i, r["generation"], int(r["row_id"][0, 0])))
+
+    readers = [threading.Thread(target=search) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for i in range(len(new)):
+        out = service.enrol(new[i : i + 1], None)
+        acked[i] = (out["generation"], out["row_ids"][0])
+        time.sleep(0.01)  # writers go first under the lock; a pause lets searches interleave
+    done.set()
+    for t in readers:
+        t.join()
+    assert len(seen) > 10
+    for i, generation, row in seen:
+        if i in acked and generation >= acked[i][0]:
+            assert row == acked[i][1]
+        elif i in acked:
+            assert row != acked[i][1]
