@@ -18,7 +18,7 @@ optimizer, never all-reduced: the rows of two ranks are different classes). One 
 
 Gradient scale. Backward gives each shard's logits ``∂L/∂z`` of the global mean loss, so
 the centres get exactly the replicated head's gradient. The features: the gather's backward
-sums, over shards, the gradient of each rank's own rows (``∂L/∂f``, summed over shards); rank r's backbone then
+gives each rank the gradient of its own rows summed over shards (``∂L/∂f``); rank r's backbone then
 holds ``Σ_{i∈r} ∂L/∂f_i · ∂f_i/∂θ`` and DeepSpeed *averages* that over the W ranks, i.e. divides
 the global gradient by W. The feature gradient is therefore multiplied by W on its way back
 (``_ScaleGrad``, insightface's ``grad_out *= len(grad_list)``), so the averaged backbone gradient
