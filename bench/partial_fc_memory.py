@@ -12,17 +12,21 @@ Layouts per worker, for N data-parallel workers:
 - ``partial_fc (replicated)``: Partial FC as reidscale trains it (``reid.build_classifier``):
   every worker holds all centres and scores its own batch against its positives + 10% of
   the classes. Measured at N=1; the same at any N.
-- ``partial_fc (sharded)``: the paper's layout (centres split over N ranks, global batch
-  all-gathered, each rank scoring B·N rows against its r·C/N sampled centres). Not
-  implemented in training (it needs model parallelism outside DeepSpeed's gradient
-  all-reduce); *computed* with ``classifier.memory_bytes`` (N=1 is also measured above).
+- ``partial_fc (sharded)``: the paper's layout, ``models/sharded_fc.ShardedPartialFC``
+  (centres split over N ranks, global batch all-gathered, each rank scoring B·N rows against
+  its positives + r·C/N sampled centres, exact distributed softmax, its own AdamW).
+  **Measured** for ``--workers`` (default N=1 and N=2: N gloo processes on 127.0.0.1, each
+  reporting its own tensors, peak RSS and step time); *computed* with
+  ``classifier.memory_bytes`` for 8 and 64, and the formula is printed beside the measured rows.
 
     python bench/partial_fc_memory.py [--classes 100000 1000000] [--dim 512] [--batch 64]
+        [--layouts replicated sharded] [--workers 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +45,7 @@ def one_step(kind: str, num_classes: int, dim: int, batch: int) -> dict:
     import torch.nn.functional as F
 
     from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
+    from reidscale.models.sharded_fc import ShardedPartialFC  # noqa: F401 (the sharded ranks' imports, for the floor)
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a shared 2-core machine
@@ -77,6 +82,63 @@ def one_step(kind: str, num_classes: int, dim: int, batch: int) -> dict:
     }
 
 
+def sharded_rank(rank: int, world: int, port: int, num_classes: int, dim: int, batch: int, out: dict) -> None:
+    """One rank of the sharded head: 2 fwd/bwd/AdamW steps; its tensors' bytes, peak RSS, step time."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from reidscale.models.sharded_fc import ShardedPartialFC, head_optimizer
+
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread per rank
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    head = ShardedPartialFC(dim, num_classes, sample_rate=SAMPLE_RATE, seed=0, rank=rank, world=world)
+    opt = head_optimizer(head, "adamw", lr=1e-3)
+    g = torch.Generator().manual_seed(rank)
+    feat = torch.randn(batch, dim, generator=g, requires_grad=True)
+    labels = torch.randint(0, num_classes, (batch // 4,), generator=g).repeat_interleave(4)  # P×K: K=4
+    times = []
+    for step in range(2):  # the first step also allocates the optimizer state
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        o = head(feat, labels, step=step)
+        opt.zero_grad(set_to_none=False)
+        o.loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    nbytes = lambda t: t.numel() * t.element_size()
+    state = sum(nbytes(v) for v in opt.state[head.weight].values() if torch.is_tensor(v) and v.dim() > 0)
+    out[rank] = {"centres": nbytes(head.weight), "gradient": nbytes(head.weight.grad), "optimizer_state": state,
+                 # the logits tensor of the step: (global batch) x (columns this shard scored), fp32
+                 "logits": batch * world * o.columns * 4, "logits_shape": [batch * world, o.columns],
+                 "step_s": round(times[-1], 3),
+                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _sharded_entry(rank, world, port, num_classes, dim, batch, out):
+    sharded_rank(rank, world, port, num_classes, dim, batch, out)
+
+
+def measure_sharded(num_classes: int, dim: int, batch: int, world: int) -> list[dict]:
+    """``world`` spawned processes (gloo on 127.0.0.1), one result dict per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_sharded_entry, args=(world, port, num_classes, dim, batch, out), nprocs=world, join=True)
+        return [dict(out[r]) for r in range(world)]
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
@@ -86,6 +148,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64, help="images per worker per step (P×K)")
+    ap.add_argument("--layouts", nargs="+", default=["replicated", "sharded"], choices=["replicated", "sharded"],
+                    help="replicated: linear + replicated Partial FC (N=1); sharded: ShardedPartialFC on N ranks")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="N for the measured sharded rows")
     args = ap.parse_args()
 
     from reidscale.models.classifier import memory_bytes
@@ -94,42 +159,73 @@ def main() -> None:
     rows, records = [], []
     for c in args.classes:
         measured = {}
-        for kind in ("linear", "partial_fc"):
+        kinds = ("linear", "partial_fc") if "replicated" in args.layouts else ()
+        for kind in kinds:
             print(f"measuring {kind} at {c:,} x {args.dim} ...", flush=True)
             out, peak = run_isolated(one_step, kind, c, args.dim, args.batch)
             out["peak_rss"] = peak
             out["rss_above_floor"] = peak - floor
             measured[kind] = out
-        for layout, kind in (("linear", "linear"), ("partial_fc (replicated)", "partial_fc"),
-                             ("partial_fc (sharded)", None)):
-            for n in WORLDS:
+        sharded = {}
+        if "sharded" in args.layouts:
+            for n in args.workers:
+                print(f"measuring sharded partial_fc at {c:,} x {args.dim} on {n} ranks ...", flush=True)
+                load = os.getloadavg()[0]
+                # the floor of this process layout (spawned ranks, gloo): the same step at N·8 identities
+                rank_floor = max(r["peak_rss"] for r in measure_sharded(8 * n, args.dim, args.batch, n))
+                per_rank = measure_sharded(c, args.dim, args.batch, n)
+                worst = max(per_rank, key=lambda r: r["peak_rss"])
+                sharded[n] = {**worst, "rss_above_floor": worst["peak_rss"] - rank_floor, "floor": rank_floor,
+                              "step_s": max(r["step_s"] for r in per_rank), "load_1min": round(load, 2),
+                              "per_rank": per_rank}
+        plan = [(layout, kind) for layout, kind in (("linear", "linear"), ("partial_fc (replicated)", "partial_fc"))
+                if kind in measured]
+        if "sharded" in args.layouts:
+            plan.append(("partial_fc (sharded)", None))
+        for layout, kind in plan:
+            worlds = WORLDS if kind is not None else sorted(set(args.workers) | set(WORLDS))
+            for n in worlds:
+                f = memory_bytes(c, args.dim, args.batch, sample_rate=SAMPLE_RATE, world=n)
+                formula = {"centres": f["centres"], "gradient": f["gradient"],
+                           "optimizer_state": f["optimizer_state"], "logits": f["logits"] // 3}
+                load = None
                 if kind is not None:  # the same tensors on every worker: measured at N=1
                     m = measured[kind]
                     source = "measured" if n == 1 else "measured at N=1 (replicated: same at any N)"
                     values = {k: m[k] for k in ("centres", "gradient", "optimizer_state", "logits")}
                     peak, step = m["rss_above_floor"], m["step_s"]
+                elif n in sharded:  # the largest rank's tensors (ranks differ by at most one row)
+                    m = sharded[n]
+                    values = {k: m[k] for k in ("centres", "gradient", "optimizer_state", "logits")}
+                    source = f"measured ({n} gloo processes, largest rank)"
+                    peak, step, load = m["rss_above_floor"], m["step_s"], m["load_1min"]
                 else:
-                    f = memory_bytes(c, args.dim, args.batch, sample_rate=SAMPLE_RATE, world=n)
                     # memory_bytes counts logits x3 (logits, softmax, gradient); the tensor itself is a third
-                    values = {"centres": f["centres"], "gradient": f["gradient"],
-                              "optimizer_state": f["optimizer_state"], "logits": f["logits"] // 3}
-                    source = "formula (classifier.memory_bytes)"
+                    values, source = formula, "formula (classifier.memory_bytes)"
                     peak = step = None
                 total = sum(values.values())
+                formula_total = sum(formula.values())
                 records.append({"identities": c, "dim": args.dim, "batch_per_worker": args.batch,
                                 "layout": layout, "workers": n, "sample_rate": SAMPLE_RATE if kind != "linear" else 1.0,
                                 **{f"{k}_bytes": v for k, v in values.items()}, "total_bytes": total,
-                                "peak_rss_above_import_floor_bytes": peak, "step_s": step, "source": source})
+                                "formula_total_bytes": formula_total,
+                                "peak_rss_above_import_floor_bytes": peak, "step_s": step, "load_1min": load,
+                                "source": source,
+                                **({"per_rank": sharded[n]["per_rank"]} if kind is None and n in sharded else {})})
                 rows.append({"identities": f"{c:,}", "layout": layout, "N": n,
                              "centres MiB": mib(values["centres"]), "grad MiB": mib(values["gradient"]),
                              "AdamW MiB": mib(values["optimizer_state"]), "logits MiB": f"{values['logits'] / 2**20:,.1f}",
-                             "total MiB": mib(total), "peak RSS - floor MiB": mib(peak) if peak else "",
-                             "step s": step if step is not None else "", "source": source})
+                             "total MiB": mib(total),
+                             "formula MiB": mib(formula_total) if kind is None else "",
+                             "peak RSS - floor MiB": mib(peak) if peak else "",
+                             "step s": step if step is not None else "", "load": load if load is not None else "",
+                             "source": source})
     print_table(rows)
     path = write_results("partial_fc_memory", {
         "note": "bytes per worker, fp32, AdamW (2 states); logits = the logits tensor of one step; "
                 "peak_rss_above_import_floor = the measuring process's peak RSS minus that of a "
-                "process with the same imports and no step",
+                "process with the same imports and no step (sharded rows: minus the peak of the same ranks "
+                "running the step at 8·N identities); sharded rows: the largest rank, step_s the slowest",
         "import_floor_rss_bytes": floor, "results": records})
     print(f"wrote {path}")
 
