@@ -119,3 +119,19 @@ def test_clipreid_recipe_with_a_non_projected_feature_is_refused_at_load():
     with pytest.raises(ConfigError, match="model.feature"):
         load_config(TrainJobConfig, None, ["recipe=clipreid", "model.feature=cls+proj"])
     assert load_config(TrainJobConfig, None, ["recipe=baseline", "model.feature=cls+proj"]).model.feature == "cls+proj"
+
+
+@dataclass
+class _Lists:
+    cameras: list[int] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    scales: tuple[float, ...] = ()
+
+
+def test_comma_lists_on_the_command_line_read_items_as_their_type():
+    cfg = parse_job_args(_Lists, ["cameras=0,3", "images=1.jpg,true,007.jpg", "scales=0.5, 1"])
+    assert cfg.cameras == [0, 3]
+    assert cfg.images == ["1.jpg", "true", "007.jpg"]  # file names stay exactly as typed
+    assert cfg.scales == (0.5, 1.0)
+    with pytest.raises(ConfigError, match=r"cameras\[1\]"):
+        parse_job_args(_Lists, ["cameras=0,x"])

@@ -80,12 +80,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if origin in (list, tuple):
+        (item_tp, *rest) = get_args(tp) or (Any,)
         if isinstance(value, str):
-            # allow `key=a,b,c` on the command line
-            value = [v for v in value.split(",") if v != ""]
+            # allow `key=a,b,c` on the command line; each item read as YAML reads a value
+            # (`cameras=0,3` gives ints), except where the items are strings (file names stay as typed)
+            value = [v.strip() for v in value.split(",") if v.strip() != ""]
+            if item_tp is not str:
+                value = [_scalar(v) for v in value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *rest) = get_args(tp) or (Any,)
         if origin is tuple and rest and rest != [Ellipsis]:
             if len(value) != len(get_args(tp)):
                 raise ConfigError(f"{key}: expected {len(get_args(tp))} items, got {len(value)}")
@@ -150,6 +153,14 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _scalar(raw: str) -> Any:
+    """One command-line value as YAML reads it: 3, 0.1, true, null, [1, 2]; anything else a string."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
@@ -157,12 +168,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    # YAML gives the natural reading of 3, 0.1, true, null, [1, 2]; a string stays a string.
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    return key, _scalar(raw)
 
 
 def validate_tree(cfg: Any, prefix: str = "") -> None:
