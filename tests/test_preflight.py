@@ -65,3 +65,20 @@ def test_fewer_row_groups_than_workers_is_refused_before_ray(tmp_path):
     assert check_row_groups(tmp_path, "train", groups) == groups == 3
     with pytest.raises(ValueError, match=r"3 row group\(s\) for train.num_workers=4; use train.num_workers<=3"):
         check_row_groups(tmp_path, "train", 4)
+
+
+def test_the_training_job_refuses_an_impossible_p_before_ray_or_mlflow_start(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    _write(tmp_path / "data", [4] * 5)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(repo / "jobs" / "train_clipreid.py"), f"run_dir={run_dir}",
+                           f"data_dir={tmp_path / 'data'}", "train.p=6", "train.k=2", "train.num_workers=1", "train.eval_every_epochs=0"],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "train.p=6 exceeds the 5 train identities" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "mlflow.db").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from reidscale import tracking
 from reidscale.config import dump_yaml
-from reidscale.data import shards
+from reidscale.data import preflight, shards
 from reidscale.data.pipeline import row_groups
 from reidscale.ray_runtime import cluster_has_gpus, init_ray
 from reidscale.train.config import TrainJobConfig
@@ -69,12 +69,10 @@ def check_inputs(cfg: TrainJobConfig) -> TrainInputs:
     shards.verify_split(cfg.data_dir, "train")
     manifest = shards.read_manifest(cfg.data_dir)
     num_classes = manifest["num_classes"]
-    if num_classes < cfg.train.p:
-        raise ValueError(f"train.p={cfg.train.p} exceeds the {num_classes} training identities in {cfg.data_dir}")
+    preflight.check_row_groups(cfg.data_dir, "train", cfg.train.num_workers)
+    for warning in preflight.check_pk(cfg.data_dir, cfg.train.p, cfg.train.k, cfg.train.num_workers):
+        log.warning("%s", warning)
     groups = row_groups(cfg.data_dir, "train")
-    if len(groups) < cfg.train.num_workers:
-        raise ValueError(f"{cfg.data_dir}: the train split has {len(groups)} row groups for {cfg.train.num_workers} "
-                         "workers; write smaller row groups (prepare_data rows_per_group=...) or use fewer workers")
     if cfg.train.eval_every_epochs:
         for split in ("query", "gallery"):
             shards.verify_split(cfg.data_dir, split)  # validation must not score a damaged split
