@@ -51,6 +51,27 @@ def test_training_exports_models_checkpoints_and_logs_to_mlflow(trained):
     run = client.get_run(summary["run_id"])
     assert run.data.params["train.p"] == "4"
     assert run.data.params["model.embed_dim"] == "32"
+    assert run.info.run_name.startswith("train-") and run.info.status == "FINISHED"
+    inputs = {d.dataset.name: json.loads(d.dataset.source) for d in run.inputs.dataset_inputs}
+    assert [n.rsplit("/", 1)[1] for n in inputs] == ["train"]
+    assert Path(next(iter(inputs.values()))["uri"]) == (run_dir / "data" / "manifest.json").resolve()
+    # model-last is an MLflow model of this run that embeds as the export does
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from reidscale.embed import embed_images
+
+    logged = summary["logged_models"]["model-last"]
+    from reidscale.data.shards import split_files
+    import pyarrow.parquet as pq
+
+    images = pq.read_table(split_files(run_dir / "data", "query")[0], columns=["image"]).column("image").to_pylist()[:3]
+    expected, ok = embed_images(run_dir / "models" / "trained", images)
+    assert ok.all()
+    mlflow.set_tracking_uri(summary["tracking_uri"])  # a models:/<id> URI resolves in the run's store
+    got = np.asarray(mlflow.pyfunc.load_model(logged["model_uri"]).predict(pd.DataFrame({"image": images})))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     losses = client.get_metric_history(summary["run_id"], "loss")
     assert len(losses) >= 2
     epoch_losses = [m.value for m in client.get_metric_history(summary["run_id"], "epoch_loss")]
@@ -81,6 +102,27 @@ def test_index_and_evaluation_compare_untrained_and_trained(trained):
     # a Flat demo index at 100 candidates: through-index Rank-1 is the exact one
     assert abs(summary["trained"]["index_rank1"] - summary["trained"]["rank1"]) <= 0.01
     assert (run_dir / "eval" / "trained" / "cmc.png").stat().st_size > 1000
+
+    # MLflow: one run per evaluated model, same standard keys, linked to the training run
+    from mlflow.tracking import MlflowClient
+
+    train = json.loads((run_dir / "train_summary.json").read_text())
+    client = MlflowClient(tracking_uri=train["tracking_uri"])
+    exp = client.get_run(train["run_id"]).info.experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+    assert {"evaluate-untrained", "evaluate-trained", "build_index-untrained", "build_index-trained"} <= set(runs)
+    for name in ("untrained", "trained"):
+        ev, built = runs[f"evaluate-{name}"], runs[f"build_index-{name}"]
+        assert ev.info.status == "FINISHED" and ev.data.tags["reidscale.label"] == name
+        assert {"rank1", "rank5", "rank10", "mAP", "mINP", "eer", "tar_at_far_1e-3"} <= set(ev.data.metrics)
+        assert ev.data.metrics["mAP"] == pytest.approx(summary[name]["mAP"])
+        assert ev.data.metrics["tar_at_far_1e-3"] == pytest.approx(summary[name]["tar_at_far_1e-3"])
+        sha = json.loads((run_dir / "models" / name / "config.json").read_text())["weights_sha256"]
+        for r in (ev, built):
+            assert r.data.tags["reidscale.train_run_id"] == train["run_id"]
+            assert r.data.tags["reidscale.model_sha256"] == sha
+        assert sorted(d.dataset.name.rsplit("/", 1)[1] for d in ev.inputs.dataset_inputs) == ["gallery", "query"]
+    assert "eval_trained_mAP" not in client.get_run(train["run_id"]).data.metrics  # not inside the training run
 
     from reidscale.index.gallery import Gallery
 

@@ -9,12 +9,15 @@ active run, so a driver and a Ray worker can log into the same run.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reidscale.config import ConfigError, flatten
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,26 @@ def start_run(uri: str, experiment: str, run_name: str, params: Any = None, tags
     if params is not None:
         log_params(c, run.info.run_id, params)
     return run.info.run_id
+
+
+def lineage_tags(c, model_config: dict) -> dict[str, str]:
+    """Tags that tie a run to the model it used: ``reidscale.model_sha256``, the training run
+    (``reidscale.train_run_id``, when that run is in this store) and the registered versions
+    of those weights (``reidscale.model_versions`` = "NAME/VERSION,...")."""
+    sha = model_config.get("weights_sha256", "")
+    tags = {"reidscale.model_sha256": sha}
+    train_run = model_config.get("mlflow_run_id", "")
+    if train_run and run_exists(c, train_run):
+        tags["reidscale.train_run_id"] = train_run
+    if sha:
+        try:
+            versions = c.search_model_versions(f"tags.weights_sha256 = '{sha}'")
+        except Exception as exc:  # an older store without tag search: the sha256 tag still links them
+            log.debug("model version search failed: %s", exc)
+            versions = []
+        if versions:
+            tags["reidscale.model_versions"] = ",".join(sorted(f"{v.name}/{v.version}" for v in versions))
+    return tags
 
 
 def log_params(c, run_id: str, params: Any) -> None:
@@ -202,9 +225,7 @@ def system_metrics(run_id: str, uri: str, interval_s: float = 10.0):
         monitor.start()
         return monitor
     except Exception as exc:  # psutil missing or an unsupported platform: training goes on without
-        import logging
-
-        logging.getLogger(__name__).warning(f"MLflow system metrics off: {exc}")
+        log.warning("MLflow system metrics off: %s", exc)
         return None
 
 

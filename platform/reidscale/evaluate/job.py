@@ -11,6 +11,7 @@ import numpy as np
 
 from reidscale import tracking
 from reidscale.config import ConfigError
+from reidscale.data import shards
 from reidscale.data.shards import atomic_write_json
 from reidscale.embed import EmbedConfig, embed_split, read_embeddings
 from reidscale.tracking import TrackingConfig
@@ -365,20 +366,20 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
 
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
     c = tracking.client(uri)
-    run_id = model_config.get("mlflow_run_id")
-    try:
-        c.get_run(run_id) if run_id else None
-    except Exception:  # the model came from another tracking store
-        run_id = None
-    if not run_id:
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, f"evaluate-{cfg.label}", params=cfg,
-                                    tags={"reidscale.job": "evaluate"})
-    tracking.log_metrics(c, run_id, {f"eval_{cfg.label}_{k}": v for k, v in {**metrics, **verification}.items()})
+    # one run per evaluated model, named by its label, with the same metric keys for every
+    # model, so the UI compares them side by side; tags link it to the training run and model
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, f"evaluate-{cfg.label}", params=cfg,
+                                tags={"reidscale.job": "evaluate", "reidscale.label": cfg.label,
+                                      **tracking.lineage_tags(c, model_config)})
+    tracking.log_dataset(c, run_id, cfg.data_dir, shards.read_manifest(cfg.data_dir), ("query", "gallery"),
+                         context="evaluation")
+    tracking.log_metrics(c, run_id, evaluation_metrics(metrics, verification))
     for path in scored["plots"] + [work / "metrics.json", work / "open_set.json"]:
-        c.log_artifact(run_id, str(path), artifact_path=f"eval/{cfg.label}")
+        c.log_artifact(run_id, str(path), artifact_path="eval")
     for path in overlays:
         c.log_artifact(run_id, str(path), artifact_path="eval")
     c.log_artifact(run_id, str(summary_path))
+    c.set_terminated(run_id)
 
     print(format_summary(summary))
     o = scored["open_set"]
@@ -388,6 +389,21 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     print(f"summary: {summary_path}")
     print(f"MLflow: {tracking.ui_command(uri)}")
     return None
+
+
+def evaluation_metrics(metrics: dict, verification: dict) -> dict[str, float]:
+    """The MLflow metrics of an evaluation run: ``rank1``/``rank5``/``rank10``/``mAP``/``mINP``
+    (and ``rerank_*``, ``index_*`` when scored), ``eer`` and ``tar_at_far_1e-3`` under the keys
+    MLflow users expect, then every other verification figure under its own name."""
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in verification.items():
+        if key.startswith(("tar@far=", "threshold@far=")):
+            far = float(key.split("=", 1)[1])
+            name = key.split("@", 1)[0]
+            out[f"{name}_at_far_{far:.0e}".replace("e-0", "e-")] = float(value)
+        else:
+            out[key] = float(value)
+    return out
 
 
 def format_summary(summary: dict) -> str:

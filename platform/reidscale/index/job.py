@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from reidscale import tracking
 from reidscale.config import ConfigError
+from reidscale.data import shards
 from reidscale.data.shards import atomic_write_json, sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
@@ -261,9 +262,14 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
     for line in summary_lines(summary):
         print(line, flush=True)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
-                                tags={"reidscale.job": "build_index"})
     c = tracking.client(uri)
+    lineage = (tracking.lineage_tags(c, json.loads((Path(model_dir) / "config.json").read_text())) if model_dir
+               else {"reidscale.model_sha256": model_sha or ""})
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
+                                tags={"reidscale.job": "build_index", "reidscale.index_dir": str(out_dir), **lineage})
+    if model_dir:
+        tracking.log_dataset(c, run_id, cfg.data_dir, shards.read_manifest(cfg.data_dir), (cfg.split,),
+                             context="index")
     metrics = {"ntotal": manifest["ntotal"], "build_time_s": manifest["build_time_s"]}
     if "images_per_s" in embed_stats:
         metrics.update({"embed_images_per_s": embed_stats["images_per_s"],
