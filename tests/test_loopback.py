@@ -107,7 +107,9 @@ DRIVER = """
 import os, sys, time
 import ray  # imported before init_ray on purpose, as a job that imports Ray Data first does
 from reidscale.ray_runtime import init_ray
-init_ray(num_cpus=1, temp_dir=sys.argv[1])
+init_ray(num_cpus=1, temp_dir=sys.argv[1], job_name="probe-job")
+jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
+print("JOB_NAMES", sorted(dict(j.config.metadata).get("job_name", "") for j in jobs.values()), flush=True)
 @ray.remote
 def where():
     return os.getpid()
@@ -136,6 +138,8 @@ def test_private_ray_listens_on_loopback_only_and_dies_with_its_sigkilled_driver
                 break
         assert lines and lines[-1].startswith("SESSION "), "".join(lines)[-3000:]
         session = lines[-1].split(None, 1)[1].strip()
+        # the dashboard's Name column (metadata job_name) says what ran
+        assert "JOB_NAMES ['probe-job']\n" in lines, "".join(lines)[-3000:]
 
         def agents_listening():
             socks = listeners(session_processes(session, {driver.pid}))

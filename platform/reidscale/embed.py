@@ -112,7 +112,7 @@ def embedding_schema(dim: int) -> pa.Schema:
 
 
 def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir: str | Path,
-                cfg: EmbedConfig) -> dict:
+                cfg: EmbedConfig, job_name: str = "") -> dict:
     """Embed one split into ``out_dir/embeddings-*.parquet``; return counts and throughput.
 
     The result (also written to ``out_dir/embeddings.json``, last) has ``files``,
@@ -131,7 +131,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     _, model_config = load_embedding_model(model_dir)  # fail here, not inside an actor
     dim = int(model_config["dim"])
     total = shards.read_manifest(data_dir)["splits"][split]["images"]
-    init_ray()
+    init_ray(job_name=job_name)
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     # the tqdm bar below reports progress; Ray Data's own bars only add noise to job logs

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +130,22 @@ def is_loopback_address(address: str) -> bool:
 
 
 def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_dir: str | None = None,
-             include_dashboard: bool | None = None) -> None:
+             include_dashboard: bool | None = None, job_name: str = "") -> None:
     """Join ``RAY_ADDRESS`` if set, else start a private loopback Ray that dies with this process.
 
     Idempotent: does nothing if Ray is already initialised in this process. ``num_cpus``,
     ``temp_dir`` and ``include_dashboard`` apply to a private Ray only. Ray's INFO chatter
-    stays at WARNING unless ``verbose`` (or ``REIDSCALE_RAY_VERBOSE=1``).
+    stays at WARNING unless ``verbose`` (or ``REIDSCALE_RAY_VERBOSE=1``). ``job_name`` (default:
+    the script's name) is the job's ``job_name`` metadata, the dashboard's Name column; a
+    ``ray job submit --metadata-json '{"job_name": ...}'`` keeps its own (Ray prefers it).
     """
     import ray
+    from ray.job_config import JobConfig
 
     if ray.is_initialized():
         return
     env = quiet_ray(verbose)
+    job_config = JobConfig(metadata={"job_name": job_name or Path(sys.argv[0] or "python").stem or "python"})
     # the driver's "ray" logger (banner, Ray Core INFO); log_to_driver stays on: our own
     # progress lines come from the training workers
     level = logging.INFO if ray_verbose(verbose) else logging.WARNING
@@ -149,13 +154,14 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
         if is_loopback_address(address):
             use_loopback_node_ip()
         # a private Ray's workers inherit os.environ; a cluster's get these through the job
-        ray.init(address=address, runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level)
+        ray.init(address=address, runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level,
+                 job_config=job_config)
         log.info("joined the Ray cluster at %s", address)
         return
     use_loopback_node_ip()
     _watch_private_ray()
     ctx = ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=include_dashboard,
-                   runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level)
+                   runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level, job_config=job_config)
     _tell_watchdog(ray._private.worker.global_worker.node.get_session_dir_path())
     log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
 

@@ -119,7 +119,8 @@ def _gallery_embeddings(cfg: EvalJobConfig, model_sha: str, work: Path):
             print(f"gallery embeddings from index {cfg.index_dir} (sha256 checked)", flush=True)
             return read_embeddings(paths[0].parent, [p.name for p in paths])
         print(f"index {cfg.index_dir} was built with another model; embedding the gallery again", flush=True)
-    stats = embed_split(cfg.model_dir, cfg.data_dir, "gallery", work / "gallery", cfg.embed)
+    stats = embed_split(cfg.model_dir, cfg.data_dir, "gallery", work / "gallery", cfg.embed,
+                        job_name=f"evaluate-{cfg.label}")
     return read_embeddings(work / "gallery", stats["files"])
 
 
@@ -349,7 +350,8 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     _, model_config = load_embedding_model(cfg.model_dir)
     model_sha = model_config["weights_sha256"]
     work = Path(cfg.run_dir) / "eval" / cfg.label
-    q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed)
+    q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed,
+                          job_name=f"evaluate-{cfg.label}")
     q, q_meta = read_embeddings(work / "query", q_stats["files"])
     g, g_meta = _gallery_embeddings(cfg, model_sha, work)
     manifest, gallery = _index_in_use(cfg, model_sha)

@@ -191,7 +191,8 @@ def _calibration_queries(cfg: IndexJobConfig, out_dir: Path) -> np.ndarray | Non
         queries = np.asarray(queries)
         return _l2_normalise(queries) if cfg.normalize and cfg.metric == "ip" and not _normalised(queries) else queries
     emb_dir = out_dir / f"calibration-{q}"
-    stats = embed_split(cfg.model_dir, cfg.data_dir, q, emb_dir, cfg.embed)
+    stats = embed_split(cfg.model_dir, cfg.data_dir, q, emb_dir, cfg.embed,
+                        job_name=f"build_index-{Path(cfg.out_dir).name}")
     return read_embeddings(emb_dir, stats["files"])[0]
 
 
@@ -231,7 +232,8 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         if embed_stats is not None:
             print(f"embeddings in {emb_dir} are complete for this model and data; not embedding again", flush=True)
         else:
-            embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed)
+            embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed,
+                                      job_name=f"build_index-{out_dir.name}")
         vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
         model_dir = cfg.model_dir
         extra.update({"data_dir": cfg.data_dir,

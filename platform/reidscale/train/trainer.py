@@ -122,7 +122,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
     log.info(f"MLflow run: {tracking.run_url(uri, run_id)}")
     log.info(f"  view it with: {tracking.ui_command(uri)}")
     try:
-        init_ray()
+        init_ray(job_name=f"train-{cfg.run_name}")
         use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
         plan = WorkerPlan(
             cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
