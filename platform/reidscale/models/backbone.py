@@ -65,6 +65,10 @@ class ModelConfig:
     sample_rate: float = 0.1
     cosine_scale: float = 30.0
     cosine_margin: float = 0.0
+    # partial_fc only: each train worker holds the centres of its own contiguous range of
+    # identities (outside the DeepSpeed engine, its own optimizer; softmax exact across workers)
+    # instead of a copy of the whole table: memory per worker / num_workers (docs/scaling.md)
+    shard_classifier: bool = False
 
     def validate(self) -> None:
         if self.backbone == "open_clip" and not self.open_clip_model:
@@ -92,6 +96,9 @@ class ModelConfig:
             raise ConfigError(f"sample_rate: {self.sample_rate} is not in (0, 1]")
         if self.cosine_scale <= 0 or self.cosine_margin < 0:
             raise ConfigError("cosine_scale: must be > 0, cosine_margin: >= 0")
+        if self.shard_classifier and self.classifier != "partial_fc":
+            raise ConfigError(f"shard_classifier: shards Partial FC's centres; set classifier=partial_fc "
+                              f"(it is {self.classifier!r})")
 
 
 def _open_clip(cfg, size, load_weights, arch):

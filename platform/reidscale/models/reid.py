@@ -27,6 +27,7 @@ from torch import nn
 from reidscale.data.transforms import TransformConfig
 from reidscale.models.backbone import ModelConfig, build_backbone
 from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
+from reidscale.models.sharded_fc import NeckOutput
 
 EXPORT_FORMAT = "reidscale-embedding-v1"
 
@@ -106,6 +107,8 @@ def build_classifier(model_cfg: ModelConfig, dim: int, num_classes: int) -> nn.M
     the engine (see models/classifier.py); bench/partial_fc_memory.py gives what each
     layout costs per worker.
     """
+    if model_cfg.shard_classifier:
+        return NeckOutput()  # the centres live in train.engine.build_sharded_head, outside the model
     if model_cfg.classifier == "partial_fc":
         return PartialFC(dim, num_classes, sample_rate=model_cfg.sample_rate, scale=model_cfg.cosine_scale,
                          margin=model_cfg.cosine_margin)

@@ -159,3 +159,12 @@ class TrainJobConfig:
             # stage 2's i2t term compares the image feature with CLIP's projected text features
             raise ConfigError(f"model.feature: {self.model.feature!r}; recipe=clipreid trains the projected "
                               "feature (proj)")
+        if self.model.shard_classifier:
+            if self.train.zero_stage == 3:
+                # ZeRO-3 would partition the backbone's parameters; the head is outside the engine
+                # and its feature all-gather is not written for partitioned forward passes
+                raise ConfigError("train.zero_stage: 3 with model.shard_classifier=true is not supported; "
+                                  "use zero_stage 0-2 (the sharded head already divides the ID table)")
+            if self.train.sampler == "hard":
+                raise ConfigError("train.sampler: hard reads every class centre each epoch, which the sharded "
+                                  "head does not hold on one worker; use sampler=pk with model.shard_classifier")

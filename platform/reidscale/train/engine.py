@@ -7,6 +7,7 @@ their engines from these pieces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from reidscale.models.reid import export_embedding_model
+from reidscale.models.sharded_fc import ShardedPartialFC, head_optimizer
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.schedule import lr_factor
 
@@ -97,6 +99,34 @@ def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], floa
                                            config=ds_config, dist_init_required=False)
     use_safe_loading(engine)
     return engine
+
+
+@dataclass
+class ShardedHead:
+    """The sharded ID head and what steps it, beside (never inside) the DeepSpeed engine."""
+
+    head: ShardedPartialFC
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def step(self) -> None:
+        """After ``engine.step()`` at a gradient-accumulation boundary: the engine's
+        ``backward`` already scaled the loss by 1/accumulation steps, so the accumulated
+        centre gradient is the mean over the micro-batches, as the backbone's is."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+def build_sharded_head(cfg: TrainJobConfig, dim: int, num_classes: int, factor: Callable[[int], float],
+                       device) -> ShardedHead:
+    """This worker's identity range of the ID table (``model.shard_classifier``); a collective
+    at every forward. Same lr schedule as the engine; no weight decay (see ``make_optimizer``)."""
+    m = cfg.model
+    head = ShardedPartialFC(dim, num_classes, sample_rate=m.sample_rate, scale=m.cosine_scale, margin=m.cosine_margin,
+                            label_smoothing=cfg.loss.label_smoothing, seed=cfg.train.seed).to(device)
+    optimizer = head_optimizer(head, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum)
+    return ShardedHead(head, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
 
 
 def _distributed() -> bool:

@@ -20,6 +20,7 @@ import torch
 
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.models.reid import export_embedding_model, side_inputs
+from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
 from reidscale.train import engine as eng
 from reidscale.train.checkpoint import verify_complete, write_rank_listing, write_state
 from reidscale.train.config import TrainJobConfig
@@ -27,6 +28,7 @@ from reidscale.train.recipes import Batch, BaselineRecipe, recipe_for, weigh
 from reidscale.train.state import EpochStats, TrainState, WorkerPlan
 
 CHECKPOINT_TAG = "state"
+SHARDED_FC_DIR = "sharded_fc"  # the sharded ID head's rows and optimizer state, one logical table
 # Ray Train routes worker logging to the job log once; a plain print() is teed twice when a
 # library has wrapped sys.stdout.
 log = logging.getLogger("reidscale.train")
@@ -49,6 +51,7 @@ class Worker:
     checkpoint: object | None  # the ray.train.Checkpoint to restore, if any
     engine: object = None
     optimizer: object = None
+    sharded: eng.ShardedHead | None = None  # model.shard_classifier: this worker's identity range
     stream: PKStream | None = None
     mlflow: object = None  # rank 0 only
     logged_up_to: int = 0  # MLflow steps already logged by an earlier attempt
@@ -96,8 +99,14 @@ def set_up(plan: WorkerPlan) -> tuple[Worker, TrainState]:
     state = TrainState(world_size=w.world, steps_per_epoch=plan.steps_per_epoch, mlflow_run_id=plan.run_id,
                        epochs=cfg.train.epochs)
     w.optimizer = eng.make_optimizer(w.model, cfg)
-    w.engine = eng.build_engine(w.model, w.optimizer, eng.stage2_schedule(cfg, lambda: state.steps_per_epoch),
-                                eng.deepspeed_config(cfg, precision), device)
+    schedule = eng.stage2_schedule(cfg, lambda: state.steps_per_epoch)
+    w.engine = eng.build_engine(w.model, w.optimizer, schedule, eng.deepspeed_config(cfg, precision), device)
+    if cfg.model.shard_classifier:
+        w.sharded = eng.build_sharded_head(cfg, w.model.embedding.dim, plan.num_classes, schedule, device)
+        recipe.head = w.sharded.head
+        if w.rank == 0:
+            log.info(f"sharded ID head: {w.sharded.head.extra_repr()} (each of {w.world} workers holds "
+                     f"{w.sharded.head.num_local} of {plan.num_classes} identities)")
     w.stream = PKStream(cfg.train.p, cfg.train.k, seed=cfg.train.seed * 1_000_003 + w.rank,
                         window_identities=cfg.train.window_identities or None, mode=cfg.train.sampler,
                         transform=cfg.transform)
@@ -113,9 +122,19 @@ def restore(w: Worker, state: TrainState) -> None:
                 raise RuntimeError(f"checkpoint {w.checkpoint.path} was written by {restored.world_size} workers, "
                                    f"this run has {w.world}; the sampler streams would differ")
             w.engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            if w.sharded is not None:
+                index = load_sharded_fc(w.sharded.head, w.sharded.optimizer, Path(ckpt_dir) / SHARDED_FC_DIR)
+                if w.rank == 0:
+                    log.info(f"sharded ID head restored: {index['num_classes']} identities from "
+                             f"{len(index['shards'])} shard file(s) (sha256 checked) with {index['optimizer']} state")
         for name in ("epoch", "step_in_epoch", "global_step", "steps_per_epoch", "best_mAP", "decode_errors",
                      "validation_seconds"):
             setattr(state, name, getattr(restored, name))
+        if w.sharded is not None:
+            # the head's schedule is a function of the optimizer steps taken, as the engine's
+            # (step() from one before sets both the counter and the group's lr)
+            w.sharded.scheduler.last_epoch = w.engine.lr_scheduler.last_epoch - 1
+            w.sharded.scheduler.step()
         if w.rank == 0:
             log.info(f"resumed from {w.checkpoint.path}: epoch {state.epoch + 1}, step {state.step_in_epoch} "
                      f"of it, global step {state.global_step}")
@@ -172,6 +191,9 @@ def save_checkpoint(w: Worker, state: TrainState, metrics: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        if w.sharded is not None:
+            # every rank writes its rows, rank 0 the index; Ray merges the ranks' directories
+            save_sharded_fc(w.sharded.head, w.sharded.optimizer, Path(tmp) / SHARDED_FC_DIR)
         write_rank_listing(tmp, w.rank)
         if w.rank == 0:
             write_state(tmp, state.to_json())
@@ -241,11 +263,15 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     for raw in eng.lockstep(real, w.stream, w.device):
         batch = Batch(torch.from_numpy(raw["image"]).to(device=w.device, dtype=w.dtype),
                       torch.from_numpy(raw["label"]).to(w.device),
-                      side_inputs(w.model, raw.get("camera"), w.device))  # {} unless the backbone has SIE
+                      side_inputs(w.model, raw.get("camera"), w.device),  # {} unless the backbone has SIE
+                      step=state.global_step)
         terms, acc = w.recipe.loss_terms(w.engine, batch)
         loss = weigh(terms, acc, w.device)
         w.engine.backward(loss.total)
+        boundary = w.engine.is_gradient_accumulation_boundary()  # asked before step() moves it on
         w.engine.step()
+        if w.sharded is not None and boundary:
+            w.sharded.step()
         step_in_epoch += 1
         stats.steps += 1
         state.global_step += 1

@@ -28,6 +28,7 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     side: dict = field(default_factory=dict)
+    step: int = 0  # the global optimizer step: seeds the sharded head's negatives
 
 
 @dataclass
@@ -44,24 +45,35 @@ def weigh(terms: dict[str, tuple[float, torch.Tensor]], id_accuracy: float, devi
     return StepLoss(total, {k: float(v.detach()) for k, (_, v) in terms.items()}, id_accuracy)
 
 
-def id_and_metric_terms(model, batch: Batch, cfg: TrainJobConfig) -> tuple[dict, float, torch.Tensor]:
+def id_and_metric_terms(model, batch: Batch, cfg: TrainJobConfig,
+                        head=None) -> tuple[dict, float, torch.Tensor]:
     """BoT's terms: label-smoothed CE on the classifier and batch-hard triplet on the feature.
 
     ``model`` is a ReIDModel (or a DeepSpeed engine around one), called with the labels so a
     Partial FC classifier scores only its sampled centres: the ID loss and accuracy use the
     returned ``targets`` (columns of the sampled logits), the metric losses the labels.
-    Returns (terms, ID accuracy, the feature) so a recipe can add terms on the same feature.
+    With ``head`` (a ``ShardedPartialFC`` outside the engine) the model's classifier passes the
+    neck feature through and the head scores it across the workers: every rank must then call
+    this for every batch (the head is a collective). Returns (terms, ID accuracy, the feature)
+    so a recipe can add terms on the same feature.
     """
     feat, logits, targets = model(batch.images, labels=batch.labels, **batch.side)
     terms = {}
-    if cfg.loss.id_weight > 0:
-        terms["id"] = (cfg.loss.id_weight,
-                       cross_entropy_label_smooth(logits.float(), targets, epsilon=cfg.loss.label_smoothing))
+    acc = 0.0
+    if head is not None:
+        if cfg.loss.id_weight > 0:
+            out = head(logits, batch.labels, batch.step)  # `logits` is the neck feature here
+            terms["id"] = (cfg.loss.id_weight, out.loss)
+            acc = float(out.accuracy)
+    else:
+        if cfg.loss.id_weight > 0:
+            terms["id"] = (cfg.loss.id_weight,
+                           cross_entropy_label_smooth(logits.float(), targets, epsilon=cfg.loss.label_smoothing))
+        with torch.no_grad():
+            acc = float((logits.argmax(1) == targets).float().mean())
     if cfg.loss.triplet_weight > 0:
         terms["triplet"] = (cfg.loss.triplet_weight, triplet_batch_hard(
             feat.float(), batch.labels, margin=cfg.loss.triplet_margin, soft_margin=cfg.loss.triplet_soft_margin))
-    with torch.no_grad():
-        acc = float((logits.argmax(1) == targets).float().mean())
     return terms, acc, feat
 
 
@@ -72,6 +84,7 @@ class BaselineRecipe:
 
     def __init__(self, cfg: TrainJobConfig):
         self.cfg = cfg
+        self.head = None  # the sharded ID head (model.shard_classifier), set once the workers' group exists
 
     def build_model(self, num_classes: int) -> ReIDModel:
         return build_reid_model(self.cfg.model, self.cfg.transform, num_classes)
@@ -80,7 +93,7 @@ class BaselineRecipe:
         """Runs once per worker after the untrained export, before the stage-2 engine exists."""
 
     def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
-        terms, acc, _ = id_and_metric_terms(model, batch, self.cfg)
+        terms, acc, _ = id_and_metric_terms(model, batch, self.cfg, self.head)
         return terms, acc
 
 
@@ -117,7 +130,7 @@ class ClipReIDRecipe(BaselineRecipe):
         del self.clip.transformer  # the text tower is done; keep only what stage 2 trains
 
     def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
-        terms, acc, feat = id_and_metric_terms(model, batch, self.cfg)
+        terms, acc, feat = id_and_metric_terms(model, batch, self.cfg, self.head)
         if self.text_features is not None and self.cfg.clipreid.i2t_weight > 0:
             # each image against every identity's frozen text feature
             terms["i2t"] = (self.cfg.clipreid.i2t_weight, i2t_cross_entropy(
