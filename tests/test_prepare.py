@@ -203,7 +203,7 @@ def test_synthetic_progress_counts_images_against_the_exact_total(tmp_path, caps
         assert done <= of
 
 
-def test_file_source_progress_counts_skipped_images_and_logs_on_their_own_lines(tmp_path, capsys):
+def test_file_source_progress_counts_skipped_images_and_logs_on_their_own_lines(tmp_path, capsys, monkeypatch):
     import logging
 
     from reidscale.data.prepare import _progress
@@ -218,6 +218,13 @@ def test_file_source_progress_counts_skipped_images_and_logs_on_their_own_lines(
                 logging.getLogger("ray.data").warning("Ray Data says hello")
             yield {"identity": 1}
 
+    # Ray's logger as Ray sets it up in a fresh job: its own stderr handler, not propagating (an
+    # earlier test in this process may have left one bound to a stream pytest has since closed)
+    import sys
+
+    for name in ("ray", "ray.data"):
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [logging.StreamHandler(sys.stderr)])
+        monkeypatch.setattr(logging.getLogger(name), "propagate", False)
     list(_progress(records(), 5, "test images"))
     err = capsys.readouterr().err
     assert any(line == "Ray Data says hello" for line in err.replace("\r", "\n").split("\n")), repr(err)

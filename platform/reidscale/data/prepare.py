@@ -101,11 +101,14 @@ READERS: dict[str, Callable[[PrepareJobConfig], tuple[Path, Listing]]] = {
 
 def _console_loggers() -> list[logging.Logger]:
     """Loggers whose console output must go through tqdm.write: the root logger, and Ray's
-    (it has its own stderr handler and does not propagate) when Ray has set it up."""
-    ray = logging.getLogger("ray")
-    has_console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-                      for h in ray.handlers)
-    return [logging.root] + ([ray] if has_console else [])
+    (``ray`` and ``ray.data`` each have their own stderr handler and do not propagate) when
+    Ray has set them up."""
+    def on_console(logger: logging.Logger) -> bool:
+        return any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                   for h in logger.handlers)
+
+    ray = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    return [logging.root] + [logger for logger in ray if on_console(logger)]
 
 
 def _progress(records: Iterable[dict], total: int, desc: str, *, planned=None,
