@@ -203,24 +203,13 @@ def build_index(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n, dim = vectors.shape
-    if len(metadata) != n:
-        raise ValueError(f"{n} vectors but {len(metadata)} metadata rows")
-    if n == 0:
-        raise ValueError("no vectors to index")
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric {metric!r} is not one of ip, l2")
-    check_vectors(vectors, source, metric)
+    ids = _checked_ids(vectors, metadata, metric, source)
     if calibration is not None:
         calibration.validate()
+    n, dim = vectors.shape
     requested = factory
     if factory == "auto":
         factory = choose_factory(n, dim, memory_budget_bytes)
-    ids = metadata.column("row_id").to_numpy().astype(np.int64)
-    if len(np.unique(ids)) != n:
-        raise ValueError("row_id values are not unique")
-    if ids.min() < 0:
-        raise ValueError("row_id values must be >= 0 (FAISS uses -1 for 'no hit')")
     params = {**default_search_params(factory, n), **(search_params or {})}
     t0 = time.time()
     bounds = np.linspace(0, n, num_shards + 1).astype(int)
@@ -228,67 +217,17 @@ def build_index(
     build_key = hashlib.sha256(json.dumps(
         [factory, metric, model_sha256, int(dim), train_size, shard_inputs, _table_hash(metadata)]).encode()).hexdigest()
 
-    try:
-        current = store.read_manifest(out_dir)
-    except store.GalleryError:
-        current = None
-    if current is not None and current.get("build_key") == build_key:
-        log(f"index {out_dir}: already built from these inputs (generation {current.get('generation', 0)}); kept")
-        old = current.get("calibration") or {}
-        if calibration is not None and not search_params and (
-                calibration_queries is not None
-                or any(old.get(f) != v for f, v in vars(calibration).items() if f != "sample")):
-            from reidscale.index.gallery import Gallery
-
-            log(f"index {out_dir}: calibration settings changed; recalibrating")
-            Gallery(out_dir).calibrate(calibration_queries, calibration)
-            return store.read_manifest(out_dir)
-        return current
+    done = _finished_build(out_dir, build_key, calibration, calibration_queries, search_params, log)
+    if done is not None:
+        return done
 
     partial_path = out_dir / "manifest.partial.json"
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     if partial.get("build_key") != build_key:
         partial = {"build_key": build_key, "shards": {}}
     (out_dir / store.MANIFEST).unlink(missing_ok=True)  # from here on the directory is an unfinished build
-
-    trained = partial.get("trained")
-    if trained and _intact(out_dir, trained):
-        import faiss
-
-        empty = faiss.read_index(str(out_dir / trained["file"]))
-        log(f"index {out_dir}: reusing trained {factory} from the interrupted build")
-    else:
-        t_train = time.time()
-        empty = train_empty_index(vectors, factory, metric, train_size=train_size)
-        trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
-        partial["trained"] = trained
-        store.write_json(partial_path, partial)
-        log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
-
-    from tqdm import tqdm
-
-    shard_entries = []
-    with tqdm(total=n, desc=f"index {factory}", unit="vec", mininterval=2.0) as bar:
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            name = f"shard-{s:05d}.faiss"
-            prev = partial["shards"].get(name)
-            if prev and prev["input_sha256"] == shard_inputs[s] and _intact(out_dir, prev):
-                shard_entries.append(prev)
-                bar.update(hi - lo)
-                continue
-            index = fill_shard(empty, vectors[lo:hi], ids[lo:hi], progress=bar.update)
-            entry = {
-                "file": name,
-                "ntotal": int(index.ntotal),
-                "id_min": int(ids[lo:hi].min()) if hi > lo else None,
-                "id_max": int(ids[lo:hi].max()) if hi > lo else None,
-                "input_sha256": shard_inputs[s],
-                "sha256": store.write_index(index, out_dir / name),
-            }
-            del index
-            shard_entries.append(entry)
-            partial["shards"][name] = entry
-            store.write_json(partial_path, partial)
+    empty, trained = _trained_index(out_dir, partial, vectors, factory, metric, train_size, log)
+    shard_entries = _filled_shards(out_dir, partial, empty, vectors, ids, bounds, shard_inputs, factory)
     meta_sha = store.write_table(metadata, out_dir / "metadata.parquet")
     manifest = {
         "format": store.INDEX_FORMAT,
@@ -309,19 +248,113 @@ def build_index(
         "removed": [],
         "build_time_s": time.time() - t0,
         **(extra or {}),
+        **(_model_record(model_dir, out_dir) if model_dir else {}),
     }
-    if model_dir:
-        from reidscale.data.shards import sha256_file
-
-        # relative, so an index copied together with its model still finds it (issue 12)
-        manifest["model_dir"] = os.path.relpath(Path(model_dir).resolve(), out_dir.resolve())
-        weights = Path(model_dir) / "model.safetensors"
-        manifest["model_weights_sha256"] = sha256_file(weights) if weights.is_file() else ""
     if calibration is not None and not search_params:
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
     store.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
     return manifest
+
+
+def _checked_ids(vectors: np.ndarray, metadata: pa.Table, metric: str, source: str) -> np.ndarray:
+    """The FAISS ids (``metadata.row_id``) after refusing what would build a wrong index."""
+    n = vectors.shape[0]
+    if len(metadata) != n:
+        raise ValueError(f"{n} vectors but {len(metadata)} metadata rows")
+    if n == 0:
+        raise ValueError("no vectors to index")
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric {metric!r} is not one of ip, l2")
+    check_vectors(vectors, source, metric)
+    ids = metadata.column("row_id").to_numpy().astype(np.int64)
+    if len(np.unique(ids)) != n:
+        raise ValueError("row_id values are not unique")
+    if ids.min() < 0:
+        raise ValueError("row_id values must be >= 0 (FAISS uses -1 for 'no hit')")
+    return ids
+
+
+def _finished_build(out_dir: Path, build_key: str, calibration, calibration_queries, search_params, log) -> dict | None:
+    """The manifest of a complete index of the same inputs already in ``out_dir`` (recalibrated
+    when the calibration settings changed), or None when there is something to build."""
+    try:
+        current = store.read_manifest(out_dir)
+    except store.GalleryError:
+        return None
+    if current.get("build_key") != build_key:
+        return None
+    log(f"index {out_dir}: already built from these inputs (generation {current.get('generation', 0)}); kept")
+    old = current.get("calibration") or {}
+    if calibration is not None and not search_params and (
+            calibration_queries is not None
+            or any(old.get(f) != v for f, v in vars(calibration).items() if f != "sample")):
+        from reidscale.index.gallery import Gallery  # gallery.py imports this module
+
+        log(f"index {out_dir}: calibration settings changed; recalibrating")
+        Gallery(out_dir).calibrate(calibration_queries, calibration)
+        return store.read_manifest(out_dir)
+    return current
+
+
+def _trained_index(out_dir: Path, partial: dict, vectors: np.ndarray, factory: str, metric: str, train_size: int,
+                   log) -> tuple[object, dict]:
+    """(the trained empty index, its manifest entry): an interrupted build's, if intact, else trained now."""
+    import faiss
+
+    trained = partial.get("trained")
+    if trained and _intact(out_dir, trained):
+        log(f"index {out_dir}: reusing trained {factory} from the interrupted build")
+        return faiss.read_index(str(out_dir / trained["file"])), trained
+    t_train = time.time()
+    empty = train_empty_index(vectors, factory, metric, train_size=train_size)
+    trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
+    partial["trained"] = trained
+    store.write_json(out_dir / "manifest.partial.json", partial)
+    log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
+    return empty, trained
+
+
+def _filled_shards(out_dir: Path, partial: dict, empty, vectors: np.ndarray, ids: np.ndarray, bounds: np.ndarray,
+                   shard_inputs: list[str], factory: str) -> list[dict]:
+    """Each contiguous row range added to a copy of ``empty`` and written with its sha256; a shard
+    an interrupted build of the same rows finished (and that is intact) is kept. Each finished
+    shard is recorded in the partial manifest at once, so a crash loses at most one shard."""
+    from tqdm import tqdm
+
+    entries = []
+    with tqdm(total=len(ids), desc=f"index {factory}", unit="vec", mininterval=2.0) as bar:
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            name = f"shard-{s:05d}.faiss"
+            prev = partial["shards"].get(name)
+            if prev and prev["input_sha256"] == shard_inputs[s] and _intact(out_dir, prev):
+                entries.append(prev)
+                bar.update(hi - lo)
+                continue
+            index = fill_shard(empty, vectors[lo:hi], ids[lo:hi], progress=bar.update)
+            entry = {
+                "file": name,
+                "ntotal": int(index.ntotal),
+                "id_min": int(ids[lo:hi].min()) if hi > lo else None,
+                "id_max": int(ids[lo:hi].max()) if hi > lo else None,
+                "input_sha256": shard_inputs[s],
+                "sha256": store.write_index(index, out_dir / name),
+            }
+            del index
+            entries.append(entry)
+            partial["shards"][name] = entry
+            store.write_json(out_dir / "manifest.partial.json", partial)
+    return entries
+
+
+def _model_record(model_dir: str | Path, out_dir: Path) -> dict:
+    """Where the model that made the vectors is, relative to the index (so an index copied with
+    its model still finds it, issue 12), and its weights file's sha256 (checked at open)."""
+    from reidscale.data.shards import sha256_file
+
+    weights = Path(model_dir) / "model.safetensors"
+    return {"model_dir": os.path.relpath(Path(model_dir).resolve(), out_dir.resolve()),
+            "model_weights_sha256": sha256_file(weights) if weights.is_file() else ""}
 
 
 def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndarray, spec: CalibrationSpec,
