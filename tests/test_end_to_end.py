@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     run_job("prepare_data.py", f"run_dir={run_dir}", "synthetic.num_identities=40", "synthetic.height=32",
             "synthetic.width=16", "synthetic.images_per_identity_median=8", "rows_per_group=24")
-    proc = run_job("train_clipreid.py", f"run_dir={run_dir}", *TOY_TRAIN)
+    proc = run_job("train_clipreid.py", f"run_dir={run_dir}", *TOY_TRAIN, "--json")
     return run_dir, proc
 
 
@@ -39,6 +39,8 @@ def test_training_exports_models_checkpoints_and_logs_to_mlflow(trained):
     run_dir, proc = trained
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["final"]["epoch"] == 2
+    # --json: stdout is the summary alone, though Ray relays the workers' output meanwhile
+    assert json.loads(proc.stdout)["run_id"] == summary["run_id"]
     for name in ("untrained", "trained"):
         assert (run_dir / "models" / name / "model.safetensors").is_file()
     assert summary["checkpoint"] and Path(summary["checkpoint"]).is_dir()

@@ -71,14 +71,19 @@ def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     try:
+        if as_json and print_summary:
+            # stdout is the JSON document only: everything else the job prints, and Ray's relay
+            # of its workers' output (which looks sys.stdout up at each line, until Ray shuts
+            # down at exit), goes to stderr for the rest of the process
+            json_out, sys.stdout = sys.stdout, sys.stderr
         summary = fn(cfg)
     except _expected() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not print_summary:
         return 0
-    if summary and as_json:
-        print(json.dumps(summary, indent=2, default=str))
+    if as_json:  # (print_summary is true: see above)
+        print(json.dumps(summary or {}, indent=2, default=str), file=json_out, flush=True)
     elif summary:
         lines = human_summary(summary)
         if lines:
