@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reidscale import atomic
 from reidscale.config import ConfigError
 from reidscale.data import shards
 
@@ -161,9 +162,8 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         if not pending:
             return
         path = out_dir / f"embeddings-{len(files):05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.concat_tables(pending), tmp)
-        tmp.replace(path)
+        table = pa.concat_tables(pending)
+        atomic.write_file(path, lambda tmp: pq.write_table(table, tmp))
         files.append(path.name)
         pending, pending_rows = [], 0
 
@@ -214,7 +214,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         "model_sha256": model_config["weights_sha256"],
         "data_sha256": split_fingerprint(data_dir, split),
     }
-    shards.atomic_write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
+    atomic.write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
     return stats
 
 

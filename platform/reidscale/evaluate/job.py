@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
-from reidscale.data.shards import atomic_write_json
 from reidscale.embed import EmbedConfig, embed_split, read_embeddings
 from reidscale.tracking import TrackingConfig
 
@@ -289,12 +288,12 @@ def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, w
         index_metric = gallery.metric
     gallery_metric = index_metric or gallery_metric_for(cfg.metric)
     open_set = open_set_record(roc, cfg, gallery_metric, model_sha)
-    atomic_write_json(work / "metrics.json", {**metrics, "verification": verification, **rerank_params,
+    atomic.write_json(work / "metrics.json", {**metrics, "verification": verification, **rerank_params,
                                               "roc": roc_points(roc), "histogram_genuine_pairs": int(len(genuine)),
                                               **{name: curve.tolist() for name, curve in curves.items()}})
-    atomic_write_json(work / "open_set.json", open_set)
+    atomic.write_json(work / "open_set.json", open_set)
     if index_metric is not None:  # beside the index for the online service; not part of the index manifest
-        atomic_write_json(Path(cfg.index_dir) / "open_set.json", open_set)
+        atomic.write_json(Path(cfg.index_dir) / "open_set.json", open_set)
     return {"metrics": metrics, "verification": verification, "open_set": open_set, "plots": plots,
             "curves": curves, "rerank_params": rerank_params, "histogram_genuine_pairs": int(len(genuine))}
 
@@ -363,7 +362,7 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary[cfg.label] = {**metrics, "tar_at_far_1e-3": verification["tar@far=0.001"], "eer": verification["eer"],
                           "model_dir": cfg.model_dir, **rerank_params}
-    atomic_write_json(summary_path, summary)
+    atomic.write_json(summary_path, summary)
     overlays = overlay_plots(Path(cfg.run_dir), summary)
 
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.calibrate import CalibrationSpec
 from reidscale.index.vectors import check_vectors
@@ -262,7 +263,7 @@ def build_index(
         empty = train_empty_index(vectors, factory, metric, train_size=train_size)
         trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
         partial["trained"] = trained
-        store.write_json(partial_path, partial)
+        atomic.write_json(partial_path, partial)
         log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
 
     from tqdm import tqdm
@@ -288,7 +289,7 @@ def build_index(
             del index
             shard_entries.append(entry)
             partial["shards"][name] = entry
-            store.write_json(partial_path, partial)
+            atomic.write_json(partial_path, partial)
     meta_sha = store.write_table(metadata, out_dir / "metadata.parquet")
     manifest = {
         "format": store.INDEX_FORMAT,
@@ -319,7 +320,7 @@ def build_index(
         manifest["model_weights_sha256"] = sha256_file(weights) if weights.is_file() else ""
     if calibration is not None and not search_params:
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
-    store.write_json(out_dir / store.MANIFEST, manifest)
+    atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
     return manifest
 

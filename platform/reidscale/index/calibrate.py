@@ -247,6 +247,6 @@ def plot_tradeoff(report: dict, path) -> None:
     ax.set_title(f"{report['factory']}: {report['sample']} queries")
     ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
-    from reidscale.index.manifest import write_atomic
+    from reidscale import atomic
 
-    write_atomic(path, lambda tmp: fig.savefig(str(tmp), dpi=120, format="png"))
+    atomic.write_file(path, lambda tmp: fig.savefig(str(tmp), dpi=120, format="png"))

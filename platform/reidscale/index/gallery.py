@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.build import fill_shard, params_string
 from reidscale.index.manifest import GalleryError
@@ -50,6 +51,12 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_i
     pad = -np.inf if larger_is_better else np.inf
     out_scores[out_ids < 0] = pad
     return out_scores, out_ids
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # through a handle: np.save(<name>) would append ".npy" to the temporary's name
+    with open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 class _Snapshot:
@@ -454,7 +461,7 @@ class Gallery:
                 return 0
             gen = int(manifest.get("generation", 0)) + 1
             name = f"removed-{gen:06d}.npy"
-            sha = store.write_atomic(self.directory / name, lambda tmp: np.save(open(tmp, "wb"), new))
+            sha = atomic.write_file(self.directory / name, lambda tmp: _save_npy(tmp, new), checksum=True)
             entry = {"file": name, "sha256": sha, "count": int(len(new)), "generation": gen}
             self._publish({**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
                            "ntotal": int(manifest["ntotal"]) - len(new)})
@@ -472,7 +479,7 @@ class Gallery:
     def _publish(self, manifest: dict) -> None:
         manifest["format"] = store.INDEX_FORMAT
         snap = self._open(manifest)  # load (and check) before publishing: never publish what we cannot read
-        store.write_json(self.directory / store.MANIFEST, manifest)
+        atomic.write_json(self.directory / store.MANIFEST, manifest)
         self._snap = snap
 
     def _trained(self, manifest: dict):

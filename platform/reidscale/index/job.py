@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
-from reidscale.data.shards import atomic_write_json, sha256_file
+from reidscale.data.shards import sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec
@@ -260,7 +260,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
                                                        "message", "time_s", "generation")}
         summary["calibration"].update({"settings_tried": len(cal["tried"]), "plot": "calibration.png"})
         summary["calibration_time_fraction"] = cal["time_s"] / max(manifest["build_time_s"], 1e-9)
-    atomic_write_json(out_dir / "build_summary.json", summary)
+    atomic.write_json(out_dir / "build_summary.json", summary)
     for line in summary_lines(summary):
         print(line, flush=True)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)

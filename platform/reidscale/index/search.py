@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 
+from reidscale import atomic
 from reidscale.config import ConfigError
-from reidscale.data.shards import atomic_write_json
 
 
 @dataclass
@@ -204,7 +204,7 @@ def run_search(cfg: SearchJobConfig) -> dict:
     """The job: search, print a table or the JSON document (``format=json``), write ``out``."""
     summary = search_queries(cfg)
     if cfg.out:
-        atomic_write_json(cfg.out, summary)
+        atomic.write_json(cfg.out, summary)
     if cfg.format == "json":
         # The results are the job's output, not a summary of it: printed whole, on stdout.
         print(json.dumps(summary, indent=2))

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
 from reidscale.data.pipeline import row_groups
@@ -162,7 +162,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
     }
     tracking.log_metrics(c, run_id, {"train_wall_time_s": wall}, step=metrics.get("global_step", 0))
     tracking.log_json_artifact(c, run_id, summary, "train_summary.json")
-    shards.atomic_write_json(run_dir / "train_summary.json", summary)
+    atomic.write_json(run_dir / "train_summary.json", summary)
     c.set_terminated(run_id)
     return summary
 
