@@ -62,3 +62,32 @@ def test_failed_directory_build_keeps_previous_directory(tmp_path):
     atomic.replace_dir(out, lambda d: (d / "config.json").write_text("v2"))
     assert (out / "config.json").read_text() == "v2"
     assert _leftovers(tmp_path, {"model"}) == []
+
+
+def test_model_export_is_replaced_whole_and_model_sha_reads_its_weights_hash(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from reidscale.data.transforms import TransformConfig
+    from reidscale.models.backbone import ModelConfig
+    from reidscale.models.exported import model_sha
+    from reidscale.models.reid import build_reid_model, export_embedding_model
+
+    tiny, size = ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=16), TransformConfig(height=32, width=16)
+    out = tmp_path / "export"
+    shas = []
+    for seed in (0, 1):  # the second export replaces the first in place
+        torch.manual_seed(seed)
+        export_embedding_model(build_reid_model(tiny, size, num_classes=4).embedding, tiny, size, out)
+        # independent reference: the hash of the saved tensors in sorted-name order, as in reid.state_hash
+        state = load_file(str(out / "model.safetensors"))
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].contiguous().numpy().tobytes())
+        shas.append(model_sha(out))
+        assert shas[-1] == digest.hexdigest()
+    assert shas[0] != shas[1]
+    assert _leftovers(tmp_path, {"export"}) == []
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        model_sha(tmp_path / "missing")

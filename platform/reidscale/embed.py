@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from reidscale import atomic
 from reidscale.config import ConfigError
 from reidscale.data import shards
+from reidscale.models import exported
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,7 @@ def _cached_model(model_dir: str, weights_sha256: str):
 
 def load_model(model_dir: str | Path):
     """(model, config) of an export, loaded once per process (keyed by path and weights hash)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return _cached_model(str(Path(model_dir).resolve()), config.get("weights_sha256", ""))
+    return _cached_model(str(Path(model_dir).resolve()), exported.model_sha(model_dir))
 
 
 def embed_images(model_dir: str | Path, images, batch_size: int = 128,

@@ -13,6 +13,7 @@ from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
 from reidscale.embed import EmbedConfig, embed_split, read_embeddings
+from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
 
 
@@ -340,14 +341,12 @@ def _index_in_use(cfg: EvalJobConfig, model_sha: str):
 
 
 def evaluate_model(cfg: EvalJobConfig) -> dict:
-    from reidscale.models.reid import load_embedding_model
-
     cfg = _resolve(cfg)
     if cfg.through_index and not (Path(cfg.index_dir) / "manifest.json").is_file():
         raise FileNotFoundError(f"through_index=true: no built index at {cfg.index_dir} "
                                 f"(python jobs/build_index.py model_dir={cfg.model_dir})")
-    _, model_config = load_embedding_model(cfg.model_dir)
-    model_sha = model_config["weights_sha256"]
+    model_config = exported.read_export_config(cfg.model_dir)
+    model_sha = exported.model_sha(cfg.model_dir)
     work = Path(cfg.run_dir) / "eval" / cfg.label
     q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed,
                           job_name=f"evaluate-{cfg.label}")

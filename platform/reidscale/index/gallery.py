@@ -33,6 +33,7 @@ from reidscale.index import manifest as store
 from reidscale.index.build import fill_shard, params_string
 from reidscale.index.manifest import GalleryError
 from reidscale.index.vectors import check_vectors
+from reidscale.models import exported
 
 __all__ = ["Gallery", "GalleryError", "merge_topk"]
 
@@ -498,10 +499,6 @@ class Gallery:
         """The embedding model of this index: ``model_dir`` if given, else the manifest's (a path
         relative to the index directory, so a copied index + model still find each other);
         its weights file must hash to the manifest's ``model_weights_sha256``."""
-        import json
-
-        from reidscale.data.shards import sha256_file
-
         recorded = self.manifest.get("model_dir") or ""
         if model_dir:
             path = Path(model_dir)
@@ -514,12 +511,12 @@ class Gallery:
             where = f" (recorded as {recorded!r}, relative to the index directory)" if not model_dir else ""
             raise FileNotFoundError(f"index {self.directory}: embedding model not found at {path}{where}; copy the "
                                     "model beside the index as it was, or pass model_dir=")
-        sha = json.loads((path / "config.json").read_text()).get("weights_sha256")
+        sha = exported.model_sha(path)
         if self.manifest.get("model_sha256") and sha != self.manifest["model_sha256"]:
             raise ValueError(f"model {path} (weights {str(sha)[:12]}) is not the model this index was built "
                              f"with ({self.manifest['model_sha256'][:12]}); its embeddings would not be comparable")
         want = self.manifest.get("model_weights_sha256")
-        if want and (not (path / "model.safetensors").is_file() or sha256_file(path / "model.safetensors") != want):
+        if want and (not (path / "model.safetensors").is_file() or atomic.sha256_file(path / "model.safetensors") != want):
             raise ValueError(f"model {path}: model.safetensors does not hash to the index's model_weights_sha256 "
                              f"{want[:12]} (changed or corrupt); refusing to embed with it")
         return path.resolve()

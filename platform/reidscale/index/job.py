@@ -18,6 +18,7 @@ from reidscale.data.shards import sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec
+from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
 
 FACTORY_CHECK_DIMS = (64, 128, 256, 384, 512, 768, 1024, 2048)
@@ -226,7 +227,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
     else:
         if not (Path(cfg.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {cfg.model_dir}: no exported embedding model (run the training job first)")
-        model_sha = json.loads((Path(cfg.model_dir) / "config.json").read_text())["weights_sha256"]
+        model_sha = exported.model_sha(cfg.model_dir)
         emb_dir = out_dir / "embeddings"
         embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)
         if embed_stats is not None:
@@ -265,7 +266,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         print(line, flush=True)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
     c = tracking.client(uri)
-    lineage = (tracking.lineage_tags(c, json.loads((Path(model_dir) / "config.json").read_text())) if model_dir
+    lineage = (tracking.lineage_tags(c, exported.read_export_config(model_dir)) if model_dir
                else {"reidscale.model_sha256": model_sha or ""})
     run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
                                 tags={"reidscale.job": "build_index", "reidscale.index_dir": str(out_dir), **lineage})

@@ -8,7 +8,6 @@ and embed a list of images on CPU or GPU), the same decode and model as
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
@@ -19,10 +18,9 @@ log = logging.getLogger(__name__)
 
 def model_summary(model_dir: str | Path) -> dict:
     """What the ingress needs to know of an export without loading it: dim, weights hash, SIE cameras."""
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"model_dir {model_dir}: no config.json; not an exported embedding model")
-    config = json.loads(config_file.read_text())
+    from reidscale.models.exported import read_export_config
+
+    config = read_export_config(model_dir)
     return {"model_dir": str(model_dir), "dim": int(config["dim"]), "weights_sha256": config.get("weights_sha256", ""),
             "sie_cameras": int(config["model"].get("sie_cameras", 0) or 0),
             "backbone": config["model"].get("backbone", "")}
