@@ -152,9 +152,10 @@ def through_index_metrics(gallery, q: np.ndarray, qids: np.ndarray, qcams: np.nd
     Keys: index_rank1, index_rank5, index_rank10, index_mAP, index_mINP, index_candidates.
     """
     from reidscale.evaluate.metrics import bad_rows, summarise
+    from reidscale.index.metric import eval_metric_for
 
     q = np.asarray(q, dtype=np.float32)
-    bad_rows(q, "query", "cosine" if gallery.metric == "ip" else "euclidean")
+    bad_rows(q, "query", eval_metric_for(gallery.metric))
     if gallery.metric == "ip":  # the index holds unit vectors; scores are cosine for unit queries
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
     snap = gallery._snap  # identity/camera of every live row: each query's true-match count
@@ -261,7 +262,7 @@ def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, w
     Returns {"metrics", "verification", "open_set", "plots", "curves"}.
     """
     from reidscale.evaluate import plot_cmc, plot_distance_histograms, plot_roc, roc_from_features, verification_metrics
-    from reidscale.evaluate.open_set import gallery_metric_for
+    from reidscale.index.metric import gallery_metric_for
     from reidscale.evaluate.verification import pair_distances
 
     qids, gids = q_meta.column("identity").to_numpy(), g_meta.column("identity").to_numpy()

@@ -31,6 +31,7 @@ import pyarrow as pa
 from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.calibrate import CalibrationSpec
+from reidscale.index.metric import check_gallery_metric, faiss_metric
 from reidscale.index.vectors import check_vectors
 
 _log = logging.getLogger(__name__)
@@ -115,19 +116,13 @@ def params_string(params: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def _metric(metric: str) -> int:
-    import faiss
-
-    return {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
-
-
 def train_empty_index(vectors: np.ndarray, factory: str, metric: str, *, train_size: int = 0, seed: int = 0):
     """An empty index from ``factory``, trained on a uniform sample of ``vectors`` when it needs training."""
     import faiss
 
     dim = vectors.shape[1]
     try:
-        index = faiss.index_factory(dim, factory, _metric(metric))
+        index = faiss.index_factory(dim, factory, faiss_metric(metric))
     except RuntimeError as exc:
         raise ValueError(f"factory {factory!r} does not make an index of dimension {dim}: {exc}") from None
     if not index.is_trained:
@@ -209,8 +204,7 @@ def build_index(
         raise ValueError(f"{n} vectors but {len(metadata)} metadata rows")
     if n == 0:
         raise ValueError("no vectors to index")
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric {metric!r} is not one of ip, l2")
+    check_gallery_metric(metric)
     check_vectors(vectors, source, metric)
     if calibration is not None:
         calibration.validate()

@@ -31,6 +31,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from reidscale.index.metric import larger_is_closer
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
@@ -69,7 +71,7 @@ def exact_topk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndar
 
     from reidscale.index.gallery import merge_topk
 
-    larger = metric == "ip"
+    larger = larger_is_closer(metric)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = [np.full((len(queries), 0), -np.inf if larger else np.inf, np.float32)]
     best_i = [np.zeros((len(queries), 0), np.int64)]

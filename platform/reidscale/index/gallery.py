@@ -32,6 +32,7 @@ from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.build import fill_shard, params_string
 from reidscale.index.manifest import GalleryError
+from reidscale.index.metric import faiss_metric, larger_is_closer
 from reidscale.index.vectors import check_vectors
 from reidscale.models import exported
 
@@ -217,7 +218,7 @@ class Gallery:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         check_vectors(queries, "queries", self.metric)
-        larger = snap.manifest["metric"] == "ip"
+        larger = larger_is_closer(snap.manifest["metric"])
         if not len(snap.removed):
             return self._search_shards(snap, queries, k, larger)
         # Tombstones: fetch extra hits and drop removed ones; rows that lost too many are
@@ -255,7 +256,7 @@ class Gallery:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
         check_vectors(queries, "queries", self.metric)
-        larger = snap.manifest["metric"] == "ip"
+        larger = larger_is_closer(snap.manifest["metric"])
         out_ident = np.full((len(queries), k), -1, np.int64)
         out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
         out_row = np.full((len(queries), k), -1, np.int64)
@@ -490,7 +491,7 @@ class Gallery:
         if entry:
             return faiss.read_index(str(store.verified(self.directory, entry, verify=self.verify)))
         empty = faiss.index_factory(self.dim, manifest["factory"],
-                                    faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
+                                    faiss_metric(self.metric))
         if not empty.is_trained:
             raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
         return empty

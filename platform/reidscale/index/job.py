@@ -18,6 +18,7 @@ from reidscale.data.shards import sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec
+from reidscale.index.metric import GALLERY_METRICS
 from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
 
@@ -67,8 +68,8 @@ class IndexJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        if self.metric not in ("ip", "l2"):
-            raise ConfigError(f"metric: {self.metric!r} is not one of ip, l2")
+        if self.metric not in GALLERY_METRICS:
+            raise ConfigError(f"metric: {self.metric!r} is not one of {', '.join(GALLERY_METRICS)}")
         if self.num_shards < 1:
             raise ConfigError("num_shards: must be >= 1")
         if self.memory_budget_gb <= 0:

@@ -11,6 +11,7 @@ import numpy as np
 
 from reidscale import atomic
 from reidscale.config import ConfigError
+from reidscale.index.metric import eval_metric_for, larger_is_closer
 
 
 @dataclass
@@ -97,7 +98,7 @@ def search_excluding_same_camera(gallery, vectors: np.ndarray, identities: np.nd
     """(identities, scores, row ids), each Q×k, best first, without the gallery images whose identity
     AND camera are the query's (the ReID protocol's junk). ``distinct``: one entry (its best image) per
     identity. Searches deeper until k entries remain or the gallery is exhausted; pads with -1."""
-    larger = gallery.metric == "ip"
+    larger = larger_is_closer(gallery.metric)
     n = len(vectors)
     out_ident = np.full((n, k), -1, np.int64)
     out_score = np.full((n, k), -np.inf if larger else np.inf, np.float32)
@@ -163,7 +164,7 @@ def search_queries(cfg: SearchJobConfig) -> dict:
             entry["query_camera"] = int(query_cams[q])
         results.append(entry)
     summary = {"index_dir": str(cfg.index_dir), "generation": gallery.generation, "metric": gallery.metric,
-               "distance": "cosine" if gallery.metric == "ip" else "euclidean", "k": cfg.k,
+               "distance": eval_metric_for(gallery.metric), "k": cfg.k,
                "distinct_identities": cfg.distinct_identities, "exclude_same_camera": exclude,
                "num_queries": len(results), "results": results}
     if truth and truth[0] is not None:
