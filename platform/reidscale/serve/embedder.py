@@ -42,17 +42,11 @@ class ImageEmbedder:
         log.info("embedder: %s on %s (dim %d)", model_dir, self.device, self.config["dim"])
 
     def __call__(self, images: list[bytes], cameras: list[int] | None = None) -> list[np.ndarray | None]:
-        import torch
+        from reidscale.models.inference import embed_encoded
 
-        from reidscale.data.transforms import decode_batch
-        from reidscale.models.reid import side_inputs
-
-        batch = decode_batch({"image": np.array(images, dtype=object)}, self.config["transform_config"], train=False)
-        side = side_inputs(self.model, cameras, self.device)
-        with torch.inference_mode():
-            x = torch.from_numpy(batch["image"]).to(self.device)
-            vectors = self.model(x, **side).float().cpu().numpy()
-        return [v if ok else None for v, ok in zip(vectors, batch["decode_ok"])]
+        vectors, decoded = embed_encoded(self.model, self.config["transform_config"], images, cameras,
+                                         device=self.device)
+        return [v if ok else None for v, ok in zip(vectors, decoded)]
 
 
 def embedder_deployment():
