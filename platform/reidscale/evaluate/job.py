@@ -158,9 +158,7 @@ def through_index_metrics(gallery, q: np.ndarray, qids: np.ndarray, qcams: np.nd
     bad_rows(q, "query", eval_metric_for(gallery.metric))
     if gallery.metric == "ip":  # the index holds unit vectors; scores are cosine for unit queries
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    snap = gallery._snap  # identity/camera of every live row: each query's true-match count
-    live = ~np.isin(snap.row_ids, snap.removed)
-    g_ids, g_cams = snap.identity[live], snap.camera[live]
+    g_ids, g_cams = gallery.live_labels()  # every live row: each query's true-match count
     totals = _true_match_counts(g_ids, g_cams, np.asarray(qids), np.asarray(qcams))
     n = max(1, min(candidates, gallery.ntotal))
     _, rows = gallery.search(q, n)

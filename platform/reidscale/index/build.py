@@ -326,7 +326,7 @@ def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndar
     from reidscale.index.gallery import Gallery
 
     # open what was just written, as a reader will; ground truth is the input vectors themselves
-    gallery = Gallery(out_dir, verify=False, _manifest=manifest)
+    gallery = Gallery(out_dir, verify=False, manifest=manifest)
     report = gallery.measure_settings([(vectors, ids)], spec, queries=queries,
                                       budget_bytes=manifest["memory_budget_bytes"])
     report["generation"] = int(manifest["generation"])

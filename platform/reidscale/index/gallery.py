@@ -91,7 +91,7 @@ class Gallery:
     """
 
     def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0,
-                 search_params: dict | None = None, use_gpu: str = "auto", _manifest: dict | None = None):
+                 search_params: dict | None = None, use_gpu: str = "auto", manifest: dict | None = None):
         self.directory = Path(directory)
         self.verify = verify
         self._threads = threads
@@ -102,8 +102,8 @@ class Gallery:
         self._write_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_workers = 1
-        # _manifest: the build opens its not yet published manifest to calibrate it
-        self._snap = self._open(_manifest if _manifest is not None else store.read_manifest(self.directory))
+        # manifest: the build opens its not yet published manifest to calibrate it
+        self._snap = self._open(manifest if manifest is not None else store.read_manifest(self.directory))
 
     # ------------------------------------------------------------------ loading
     def _open(self, manifest: dict) -> _Snapshot:
@@ -278,6 +278,12 @@ class Gallery:
             todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
         return out_ident, out_score, out_row
 
+    def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(identity, camera) of every row a search can return now (removed rows left out), in row-id order."""
+        snap = self._snap
+        live = ~np.isin(snap.row_ids, snap.removed)
+        return snap.identity[live], snap.camera[live]
+
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""
         snap = self._snap
@@ -314,7 +320,7 @@ class Gallery:
         if images is not None:
             from reidscale.embed import embed_images
 
-            vectors, ok = embed_images(self._model_dir(model_dir), images, cameras=cameras)
+            vectors, ok = embed_images(self.resolve_model_dir(model_dir), images, cameras=cameras)
             if not ok.all():
                 bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
                 raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
@@ -496,7 +502,7 @@ class Gallery:
             raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
         return empty
 
-    def _model_dir(self, model_dir: str | Path | None) -> Path:
+    def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
         """The embedding model of this index: ``model_dir`` if given, else the manifest's (a path
         relative to the index directory, so a copied index + model still find each other);
         its weights file must hash to the manifest's ``model_weights_sha256``."""

@@ -81,7 +81,7 @@ def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list, lis
         return vectors, [f"{Path(cfg.vectors).name}[{i}]" for i in range(n)], [None] * n, [None] * n
     from reidscale.embed import embed_images, embed_split_in_process
 
-    model_dir = gallery._model_dir(cfg.model_dir or None)
+    model_dir = gallery.resolve_model_dir(cfg.model_dir or None)
     if cfg.images:
         vectors, ok = embed_images(model_dir, cfg.images, cameras=cfg.cameras or None)
         if not ok.all():
@@ -179,9 +179,7 @@ def search_queries(cfg: SearchJobConfig) -> dict:
 
 def _has_true_match(gallery, identities: np.ndarray, cameras: np.ndarray, exclude: bool) -> np.ndarray:
     """Per query: does the gallery hold an image of its identity (in another camera, with ``exclude``)?"""
-    snap = gallery._snap
-    live = ~np.isin(snap.row_ids, snap.removed)
-    g_ids, g_cams = snap.identity[live], snap.camera[live]
+    g_ids, g_cams = gallery.live_labels()
     return np.array([((g_ids == i) & ((g_cams != c) if exclude else True)).any() for i, c in zip(identities, cameras)],
                     dtype=bool)
 
