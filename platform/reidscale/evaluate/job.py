@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from reidscale.data import shards
 from reidscale.embed import EmbedConfig, embed_split, read_embeddings
 from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,6 +119,7 @@ def _gallery_embeddings(cfg: EvalJobConfig, model_sha: str, work: Path):
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("model_sha256") == model_sha and manifest.get("embeddings"):
             paths = _verified_embedding_files(Path(cfg.index_dir), manifest)
+            # print, not log: tests/test_end_to_end.py reads this line from the job's stdout
             print(f"gallery embeddings from index {cfg.index_dir} (sha256 checked)", flush=True)
             return read_embeddings(paths[0].parent, [p.name for p in paths])
         print(f"index {cfg.index_dir} was built with another model; embedding the gallery again", flush=True)
@@ -206,8 +210,8 @@ def ranking_metrics(q: np.ndarray, g: np.ndarray, qids: np.ndarray, gids: np.nda
                "num_queries": int(len(q)), "num_gallery": int(len(g))}
     curves = {"cmc": np.asarray(result["cmc"])}
     if cfg.rerank:
-        print(f"re-ranking: k1={cfg.rerank_k1} k2={cfg.rerank_k2} lambda={cfg.rerank_lambda} "
-              f"candidates={cfg.rerank_candidates or 'all'} over {len(q)} + {len(g)} items", flush=True)
+        log.info(f"re-ranking: k1={cfg.rerank_k1} k2={cfg.rerank_k2} lambda={cfg.rerank_lambda} "
+                 f"candidates={cfg.rerank_candidates or 'all'} over {len(q)} + {len(g)} items")
         start = time.perf_counter()
         rr = evaluate_reid_reranked(q, g, qids, gids, qcams, gcams, metric=cfg.metric, max_rank=cfg.max_rank,
                                     k1=cfg.rerank_k1, k2=cfg.rerank_k2, lambda_value=cfg.rerank_lambda,

@@ -4,6 +4,7 @@ vectors), then build the sharded index."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from reidscale.index.calibrate import CalibrationSpec
 from reidscale.index.metric import GALLERY_METRICS
 from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 FACTORY_CHECK_DIMS = (64, 128, 256, 384, 512, 768, 1024, 2048)
 
@@ -232,7 +235,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         emb_dir = out_dir / "embeddings"
         embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)
         if embed_stats is not None:
-            print(f"embeddings in {emb_dir} are complete for this model and data; not embedding again", flush=True)
+            log.info(f"embeddings in {emb_dir} are complete for this model and data; not embedding again")
         else:
             embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed,
                                       job_name=f"build_index-{out_dir.name}")
