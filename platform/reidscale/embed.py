@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reidscale import atomic
 from reidscale.config import ConfigError
 from reidscale.data import shards
+from reidscale.models import exported
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +69,10 @@ class Embedder:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from reidscale.models.reid import side_inputs
+        from reidscale.models.inference import embed_batch
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            images = torch.from_numpy(batch["image"]).to(self.device)
-            side = side_inputs(self.model, batch.get("camera"), self.device)  # SIE: each image's camera
-            emb = self.model(images, **side).cpu().numpy().astype(np.float32)
+        emb = embed_batch(self.model, batch["image"], batch.get("camera"), device=self.device)  # SIE: each camera
         seconds = time.perf_counter() - t0
         out = {k: v for k, v in batch.items() if k not in ("image",)}
         out["embedding"] = emb
@@ -161,9 +158,8 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         if not pending:
             return
         path = out_dir / f"embeddings-{len(files):05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.concat_tables(pending), tmp)
-        tmp.replace(path)
+        table = pa.concat_tables(pending)
+        atomic.write_file(path, lambda tmp: pq.write_table(table, tmp))
         files.append(path.name)
         pending, pending_rows = [], 0
 
@@ -214,7 +210,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         "model_sha256": model_config["weights_sha256"],
         "data_sha256": split_fingerprint(data_dir, split),
     }
-    shards.atomic_write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
+    atomic.write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
     return stats
 
 
@@ -247,8 +243,7 @@ def _cached_model(model_dir: str, weights_sha256: str):
 
 def load_model(model_dir: str | Path):
     """(model, config) of an export, loaded once per process (keyed by path and weights hash)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return _cached_model(str(Path(model_dir).resolve()), config.get("weights_sha256", ""))
+    return _cached_model(str(Path(model_dir).resolve()), exported.model_sha(model_dir))
 
 
 def embed_images(model_dir: str | Path, images, batch_size: int = 128,
@@ -260,10 +255,7 @@ def embed_images(model_dir: str | Path, images, batch_size: int = 128,
     image's camera id, needed by a model trained with SIE (``model.sie_cameras``), which
     refuses to embed without them rather than silently dropping its camera embedding.
     """
-    import torch
-
-    from reidscale.data.transforms import decode_batch
-    from reidscale.models.reid import side_inputs
+    from reidscale.models.inference import embed_encoded
 
     model, config = load_model(model_dir)
     raw = []
@@ -275,15 +267,8 @@ def embed_images(model_dir: str | Path, images, batch_size: int = 128,
                 raw.append(Path(item).read_bytes())
             except OSError:
                 raw.append(b"")
-    vectors = np.zeros((len(raw), int(config["dim"])), np.float32)
-    ok = np.zeros(len(raw), bool)
-    for lo in range(0, len(raw), batch_size):
-        batch = decode_batch({"image": np.array(raw[lo : lo + batch_size], dtype=object)},
-                             config["transform_config"], train=False)
-        side = side_inputs(model, None if cameras is None else np.asarray(cameras)[lo : lo + batch_size])
-        with torch.inference_mode():
-            vectors[lo : lo + len(batch["image"])] = model(torch.from_numpy(batch["image"]), **side).float().numpy()
-        ok[lo : lo + len(batch["image"])] = batch["decode_ok"]
+    vectors, ok = embed_encoded(model, config["transform_config"], raw,
+                                None if cameras is None else np.asarray(cameras), batch_size=batch_size)
     vectors[~ok] = 0.0
     return vectors, ok
 

@@ -241,8 +241,10 @@ def log_embedding_model(uri: str, run_id: str, model_dir: str | Path, name: str,
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
     from PIL import Image
 
+    from reidscale.models.exported import read_export_config
+
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_export_config(model_dir)
     sie = int(config.get("model", {}).get("sie_cameras", 0) or 0) > 0
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image"), ColSpec("long", "camera", required=sie)]),

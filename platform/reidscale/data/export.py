@@ -22,6 +22,7 @@ from typing import Iterator, Literal
 import pyarrow.parquet as pq
 from PIL import Image
 
+from reidscale import atomic
 from reidscale.config import ConfigError
 from reidscale.data import shards
 from reidscale.data.sources.image_files import IMAGE_SUFFIXES
@@ -89,13 +90,13 @@ def export_images(cfg: ExportJobConfig) -> dict:
     images: list[dict] = []
     for row in islice(_rows(files, wanted), cfg.limit or None):
         target = out_dir / f"{row['row_id']:07d}_id{row['identity']}_c{row['camera']}{_suffix(row['image'], row['path'])}"
-        shards.atomic_write_bytes(target, row["image"])
+        atomic.write_bytes(target, row["image"])
         images.append({"file": str(target.resolve()), **{k: row[k] for k in ("identity", "camera", "row_id", "path")}})
     if not images:
         have = "" if not wanted else f" with identities {sorted(wanted)}"
         raise ValueError(f"{data_dir}: no {cfg.split} rows{have} to export")
     summary = {"data_dir": str(data_dir), "split": cfg.split, "out_dir": str(out_dir), "images": images}
-    shards.atomic_write_json(out_dir / "exported.json", summary)
+    atomic.write_json(out_dir / "exported.json", summary)
     log.info(f"wrote {len(images)} {cfg.split} images to {out_dir}")
     return summary
 

@@ -153,7 +153,7 @@ class PKStream:
 
     def _centre_similarity(self, centres: np.ndarray):
         def label(identity: int) -> int:
-            rows = self.batcher._open.get(identity) or self.batcher._reservoir[identity]
+            rows = self.batcher.rows_of(identity)
             return int(rows[0][1])
 
         def similarity(anchor: int, identities: list[int]) -> np.ndarray:

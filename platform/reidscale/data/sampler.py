@@ -52,6 +52,11 @@ class PKBatcher:
         self._open.setdefault(int(identity), []).append(row)
         self.rows_in += 1
 
+    def rows_of(self, identity: int) -> list:
+        """The rows held for ``identity``: those not yet emitted, else those kept for topping up
+        (what a ``similarity`` callback may look at; KeyError for an identity not held)."""
+        return self._open.get(identity) or self._reservoir[identity]
+
     def _take(self, identity: int, rows: list) -> list:
         """K rows of one identity: without replacement while there are enough."""
         if len(rows) >= self.k:

@@ -15,10 +15,8 @@ order; it is the int64 id a FAISS gallery stores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 from array import array
 from dataclasses import dataclass, field
@@ -28,6 +26,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from reidscale import atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +84,11 @@ def missing_split_message(root: str | Path, split: str, have: list[str], source:
     return f"{root}: the dataset has no {split!r} split (it has: {', '.join(have) or 'none'}); write one with: {how}"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+# the project's atomic writes live in reidscale.atomic; these names stay because many
+# modules (training checkpoints among them) import them from here
+atomic_write_bytes = atomic.write_bytes
+atomic_write_json = atomic.write_json
+sha256_file = atomic.sha256_file
 
 
 @dataclass
@@ -147,8 +131,7 @@ class _ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._groups_in_shard = 0
         self._shard_rows = 0
-        self._tmp: Path | None = None
-        self._final: Path | None = None
+        self._file: atomic.AtomicFile | None = None
 
     def add_identity(self, rows: list[dict]) -> None:
         self.stats.identity_groups.append(int(rows[0]["identity"]))
@@ -163,9 +146,8 @@ class _ShardWriter:
             return
         if self._writer is None:
             index = len(self.stats.shards)
-            self._final = self.root / f"{self.split}-{index:05d}.parquet"
-            self._tmp = self._final.with_name(f".{self._final.name}.tmp")
-            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+            self._file = atomic.AtomicFile(self.root / f"{self.split}-{index:05d}.parquet")
+            self._writer = pq.ParquetWriter(self._file.tmp, SCHEMA, compression="zstd")
         first = self.stats.images
         for i, rec in enumerate(self._pending):
             rec["row_id"] = first + i
@@ -185,10 +167,8 @@ class _ShardWriter:
         if self._writer is None:
             return
         self._writer.close()
-        os.replace(self._tmp, self._final)
-        self.stats.shards.append(
-            {"file": self._final.name, "rows": self._shard_rows, "sha256": sha256_file(self._final)}
-        )
+        sha = self._file.commit(checksum=True)
+        self.stats.shards.append({"file": self._file.path.name, "rows": self._shard_rows, "sha256": sha})
         self._writer, self._groups_in_shard, self._shard_rows = None, 0, 0
 
     def close(self) -> SplitStats:
@@ -252,7 +232,7 @@ def remove_shards(root: str | Path) -> list[Path]:
     names the writer makes (``<split>-NNNNN.parquet`` and their ``.tmp``) are touched.
     """
     root = Path(root)
-    names = re.compile(rf"^\.?({'|'.join(SPLITS)})-\d{{5}}\.parquet(\.tmp)?$")
+    names = re.compile(rf"^\.?({'|'.join(SPLITS)})-\d{{5}}\.parquet(\.tmp(-\d+)?)?$")
     removed = [p for p in root.iterdir() if names.match(p.name)] if root.is_dir() else []
     for path in removed:
         path.unlink(missing_ok=True)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
-from reidscale.data.shards import atomic_write_json
 from reidscale.embed import EmbedConfig, embed_split, read_embeddings
+from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,6 +119,7 @@ def _gallery_embeddings(cfg: EvalJobConfig, model_sha: str, work: Path):
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("model_sha256") == model_sha and manifest.get("embeddings"):
             paths = _verified_embedding_files(Path(cfg.index_dir), manifest)
+            # print, not log: tests/test_end_to_end.py reads this line from the job's stdout
             print(f"gallery embeddings from index {cfg.index_dir} (sha256 checked)", flush=True)
             return read_embeddings(paths[0].parent, [p.name for p in paths])
         print(f"index {cfg.index_dir} was built with another model; embedding the gallery again", flush=True)
@@ -152,14 +156,13 @@ def through_index_metrics(gallery, q: np.ndarray, qids: np.ndarray, qcams: np.nd
     Keys: index_rank1, index_rank5, index_rank10, index_mAP, index_mINP, index_candidates.
     """
     from reidscale.evaluate.metrics import bad_rows, summarise
+    from reidscale.index.metric import eval_metric_for
 
     q = np.asarray(q, dtype=np.float32)
-    bad_rows(q, "query", "cosine" if gallery.metric == "ip" else "euclidean")
+    bad_rows(q, "query", eval_metric_for(gallery.metric))
     if gallery.metric == "ip":  # the index holds unit vectors; scores are cosine for unit queries
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    snap = gallery._snap  # identity/camera of every live row: each query's true-match count
-    live = ~np.isin(snap.row_ids, snap.removed)
-    g_ids, g_cams = snap.identity[live], snap.camera[live]
+    g_ids, g_cams = gallery.live_labels()  # every live row: each query's true-match count
     totals = _true_match_counts(g_ids, g_cams, np.asarray(qids), np.asarray(qcams))
     n = max(1, min(candidates, gallery.ntotal))
     _, rows = gallery.search(q, n)
@@ -207,8 +210,8 @@ def ranking_metrics(q: np.ndarray, g: np.ndarray, qids: np.ndarray, gids: np.nda
                "num_queries": int(len(q)), "num_gallery": int(len(g))}
     curves = {"cmc": np.asarray(result["cmc"])}
     if cfg.rerank:
-        print(f"re-ranking: k1={cfg.rerank_k1} k2={cfg.rerank_k2} lambda={cfg.rerank_lambda} "
-              f"candidates={cfg.rerank_candidates or 'all'} over {len(q)} + {len(g)} items", flush=True)
+        log.info(f"re-ranking: k1={cfg.rerank_k1} k2={cfg.rerank_k2} lambda={cfg.rerank_lambda} "
+                 f"candidates={cfg.rerank_candidates or 'all'} over {len(q)} + {len(g)} items")
         start = time.perf_counter()
         rr = evaluate_reid_reranked(q, g, qids, gids, qcams, gcams, metric=cfg.metric, max_rank=cfg.max_rank,
                                     k1=cfg.rerank_k1, k2=cfg.rerank_k2, lambda_value=cfg.rerank_lambda,
@@ -261,7 +264,7 @@ def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, w
     Returns {"metrics", "verification", "open_set", "plots", "curves"}.
     """
     from reidscale.evaluate import plot_cmc, plot_distance_histograms, plot_roc, roc_from_features, verification_metrics
-    from reidscale.evaluate.open_set import gallery_metric_for
+    from reidscale.index.metric import gallery_metric_for
     from reidscale.evaluate.verification import pair_distances
 
     qids, gids = q_meta.column("identity").to_numpy(), g_meta.column("identity").to_numpy()
@@ -289,12 +292,12 @@ def score_embeddings(cfg: EvalJobConfig, q, q_meta, g, g_meta, model_sha: str, w
         index_metric = gallery.metric
     gallery_metric = index_metric or gallery_metric_for(cfg.metric)
     open_set = open_set_record(roc, cfg, gallery_metric, model_sha)
-    atomic_write_json(work / "metrics.json", {**metrics, "verification": verification, **rerank_params,
+    atomic.write_json(work / "metrics.json", {**metrics, "verification": verification, **rerank_params,
                                               "roc": roc_points(roc), "histogram_genuine_pairs": int(len(genuine)),
                                               **{name: curve.tolist() for name, curve in curves.items()}})
-    atomic_write_json(work / "open_set.json", open_set)
+    atomic.write_json(work / "open_set.json", open_set)
     if index_metric is not None:  # beside the index for the online service; not part of the index manifest
-        atomic_write_json(Path(cfg.index_dir) / "open_set.json", open_set)
+        atomic.write_json(Path(cfg.index_dir) / "open_set.json", open_set)
     return {"metrics": metrics, "verification": verification, "open_set": open_set, "plots": plots,
             "curves": curves, "rerank_params": rerank_params, "histogram_genuine_pairs": int(len(genuine))}
 
@@ -341,14 +344,12 @@ def _index_in_use(cfg: EvalJobConfig, model_sha: str):
 
 
 def evaluate_model(cfg: EvalJobConfig) -> dict:
-    from reidscale.models.reid import load_embedding_model
-
     cfg = _resolve(cfg)
     if cfg.through_index and not (Path(cfg.index_dir) / "manifest.json").is_file():
         raise FileNotFoundError(f"through_index=true: no built index at {cfg.index_dir} "
                                 f"(python jobs/build_index.py model_dir={cfg.model_dir})")
-    _, model_config = load_embedding_model(cfg.model_dir)
-    model_sha = model_config["weights_sha256"]
+    model_config = exported.read_export_config(cfg.model_dir)
+    model_sha = exported.model_sha(cfg.model_dir)
     work = Path(cfg.run_dir) / "eval" / cfg.label
     q_stats = embed_split(cfg.model_dir, cfg.data_dir, "query", work / "query", cfg.embed,
                           job_name=f"evaluate-{cfg.label}")
@@ -363,7 +364,7 @@ def evaluate_model(cfg: EvalJobConfig) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary[cfg.label] = {**metrics, "tar_at_far_1e-3": verification["tar@far=0.001"], "eer": verification["eer"],
                           "model_dir": cfg.model_dir, **rerank_params}
-    atomic_write_json(summary_path, summary)
+    atomic.write_json(summary_path, summary)
     overlays = overlay_plots(Path(cfg.run_dir), summary)
 
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)

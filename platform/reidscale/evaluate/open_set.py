@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-GALLERY_METRICS = ("ip", "l2")
+from reidscale.index.metric import GALLERY_METRICS, gallery_metric_for  # noqa: F401 (gallery_metric_for: re-exported)
 
 
 def score_threshold(distance_threshold: float, eval_metric: str, gallery_metric: str) -> float:
@@ -26,8 +26,7 @@ def score_threshold(distance_threshold: float, eval_metric: str, gallery_metric:
 
     A threshold of +inf (accept everything) maps to -inf for ip; -inf (accept nothing) to +inf.
     """
-    if eval_metric not in ("cosine", "euclidean"):
-        raise ValueError(f"eval_metric must be cosine or euclidean, got {eval_metric!r}")
+    gallery_metric_for(eval_metric)  # ValueError unless cosine or euclidean
     if gallery_metric not in GALLERY_METRICS:
         raise ValueError(f"gallery_metric must be one of {GALLERY_METRICS}, got {gallery_metric!r}")
     t = float(distance_threshold)
@@ -35,8 +34,3 @@ def score_threshold(distance_threshold: float, eval_metric: str, gallery_metric:
     if gallery_metric == "ip":
         return -math.inf if cosine == math.inf else (math.inf if cosine == -math.inf else 1.0 - cosine)
     return 2.0 * cosine
-
-
-def gallery_metric_for(eval_metric: str) -> str:
-    """The score space of a gallery matching ``eval_metric`` when no index is in use."""
-    return "ip" if eval_metric == "cosine" else "l2"

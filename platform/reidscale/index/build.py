@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.calibrate import CalibrationSpec
+from reidscale.index.metric import check_gallery_metric, faiss_metric
 from reidscale.index.vectors import check_vectors
 
 _log = logging.getLogger(__name__)
@@ -114,19 +116,13 @@ def params_string(params: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def _metric(metric: str) -> int:
-    import faiss
-
-    return {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
-
-
 def train_empty_index(vectors: np.ndarray, factory: str, metric: str, *, train_size: int = 0, seed: int = 0):
     """An empty index from ``factory``, trained on a uniform sample of ``vectors`` when it needs training."""
     import faiss
 
     dim = vectors.shape[1]
     try:
-        index = faiss.index_factory(dim, factory, _metric(metric))
+        index = faiss.index_factory(dim, factory, faiss_metric(metric))
     except RuntimeError as exc:
         raise ValueError(f"factory {factory!r} does not make an index of dimension {dim}: {exc}") from None
     if not index.is_trained:
@@ -252,7 +248,7 @@ def build_index(
     }
     if calibration is not None and not search_params:
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
-    store.write_json(out_dir / store.MANIFEST, manifest)
+    atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
     return manifest
 
@@ -264,8 +260,7 @@ def _checked_ids(vectors: np.ndarray, metadata: pa.Table, metric: str, source: s
         raise ValueError(f"{n} vectors but {len(metadata)} metadata rows")
     if n == 0:
         raise ValueError("no vectors to index")
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric {metric!r} is not one of ip, l2")
+    check_gallery_metric(metric)
     check_vectors(vectors, source, metric)
     ids = metadata.column("row_id").to_numpy().astype(np.int64)
     if len(np.unique(ids)) != n:
@@ -310,7 +305,7 @@ def _trained_index(out_dir: Path, partial: dict, vectors: np.ndarray, factory: s
     empty = train_empty_index(vectors, factory, metric, train_size=train_size)
     trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
     partial["trained"] = trained
-    store.write_json(out_dir / "manifest.partial.json", partial)
+    atomic.write_json(out_dir / "manifest.partial.json", partial)
     log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
     return empty, trained
 
@@ -343,18 +338,16 @@ def _filled_shards(out_dir: Path, partial: dict, empty, vectors: np.ndarray, ids
             del index
             entries.append(entry)
             partial["shards"][name] = entry
-            store.write_json(out_dir / "manifest.partial.json", partial)
+            atomic.write_json(out_dir / "manifest.partial.json", partial)
     return entries
 
 
 def _model_record(model_dir: str | Path, out_dir: Path) -> dict:
     """Where the model that made the vectors is, relative to the index (so an index copied with
     its model still finds it, issue 12), and its weights file's sha256 (checked at open)."""
-    from reidscale.data.shards import sha256_file
-
     weights = Path(model_dir) / "model.safetensors"
     return {"model_dir": os.path.relpath(Path(model_dir).resolve(), out_dir.resolve()),
-            "model_weights_sha256": sha256_file(weights) if weights.is_file() else ""}
+            "model_weights_sha256": atomic.sha256_file(weights) if weights.is_file() else ""}
 
 
 def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndarray, spec: CalibrationSpec,
@@ -364,7 +357,7 @@ def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndar
     from reidscale.index.gallery import Gallery
 
     # open what was just written, as a reader will; ground truth is the input vectors themselves
-    gallery = Gallery(out_dir, verify=False, _manifest=manifest)
+    gallery = Gallery(out_dir, verify=False, manifest=manifest)
     report = gallery.measure_settings([(vectors, ids)], spec, queries=queries,
                                       budget_bytes=manifest["memory_budget_bytes"])
     report["generation"] = int(manifest["generation"])

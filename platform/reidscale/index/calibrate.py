@@ -31,6 +31,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from reidscale.index.metric import larger_is_closer
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
@@ -69,7 +71,7 @@ def exact_topk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndar
 
     from reidscale.index.gallery import merge_topk
 
-    larger = metric == "ip"
+    larger = larger_is_closer(metric)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = [np.full((len(queries), 0), -np.inf if larger else np.inf, np.float32)]
     best_i = [np.zeros((len(queries), 0), np.int64)]
@@ -247,6 +249,6 @@ def plot_tradeoff(report: dict, path) -> None:
     ax.set_title(f"{report['factory']}: {report['sample']} queries")
     ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
-    from reidscale.index.manifest import write_atomic
+    from reidscale import atomic
 
-    write_atomic(path, lambda tmp: fig.savefig(str(tmp), dpi=120, format="png"))
+    atomic.write_file(path, lambda tmp: fig.savefig(str(tmp), dpi=120, format="png"))

@@ -28,10 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.build import fill_shard, params_string
 from reidscale.index.manifest import GalleryError
+from reidscale.index.metric import faiss_metric, larger_is_closer
 from reidscale.index.vectors import check_vectors
+from reidscale.models import exported
 
 __all__ = ["Gallery", "GalleryError", "merge_topk"]
 
@@ -50,6 +53,12 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_i
     pad = -np.inf if larger_is_better else np.inf
     out_scores[out_ids < 0] = pad
     return out_scores, out_ids
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # through a handle: np.save(<name>) would append ".npy" to the temporary's name
+    with open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 class _Snapshot:
@@ -82,7 +91,7 @@ class Gallery:
     """
 
     def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0,
-                 search_params: dict | None = None, use_gpu: str = "auto", _manifest: dict | None = None):
+                 search_params: dict | None = None, use_gpu: str = "auto", manifest: dict | None = None):
         self.directory = Path(directory)
         self.verify = verify
         self._threads = threads
@@ -93,8 +102,8 @@ class Gallery:
         self._write_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_workers = 1
-        # _manifest: the build opens its not yet published manifest to calibrate it
-        self._snap = self._open(_manifest if _manifest is not None else store.read_manifest(self.directory))
+        # manifest: the build opens its not yet published manifest to calibrate it
+        self._snap = self._open(manifest if manifest is not None else store.read_manifest(self.directory))
 
     # ------------------------------------------------------------------ loading
     def _open(self, manifest: dict) -> _Snapshot:
@@ -209,7 +218,7 @@ class Gallery:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         check_vectors(queries, "queries", self.metric)
-        larger = snap.manifest["metric"] == "ip"
+        larger = larger_is_closer(snap.manifest["metric"])
         if not len(snap.removed):
             return self._search_shards(snap, queries, k, larger)
         # Tombstones: fetch extra hits and drop removed ones; rows that lost too many are
@@ -247,7 +256,7 @@ class Gallery:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
         check_vectors(queries, "queries", self.metric)
-        larger = snap.manifest["metric"] == "ip"
+        larger = larger_is_closer(snap.manifest["metric"])
         out_ident = np.full((len(queries), k), -1, np.int64)
         out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
         out_row = np.full((len(queries), k), -1, np.int64)
@@ -268,6 +277,12 @@ class Gallery:
                 out_row[q, : len(first)] = row[first]
             todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
         return out_ident, out_score, out_row
+
+    def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(identity, camera) of every row a search can return now (removed rows left out), in row-id order."""
+        snap = self._snap
+        live = ~np.isin(snap.row_ids, snap.removed)
+        return snap.identity[live], snap.camera[live]
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""
@@ -305,7 +320,7 @@ class Gallery:
         if images is not None:
             from reidscale.embed import embed_images
 
-            vectors, ok = embed_images(self._model_dir(model_dir), images, cameras=cameras)
+            vectors, ok = embed_images(self.resolve_model_dir(model_dir), images, cameras=cameras)
             if not ok.all():
                 bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
                 raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
@@ -454,7 +469,7 @@ class Gallery:
                 return 0
             gen = int(manifest.get("generation", 0)) + 1
             name = f"removed-{gen:06d}.npy"
-            sha = store.write_atomic(self.directory / name, lambda tmp: np.save(open(tmp, "wb"), new))
+            sha = atomic.write_file(self.directory / name, lambda tmp: _save_npy(tmp, new), checksum=True)
             entry = {"file": name, "sha256": sha, "count": int(len(new)), "generation": gen}
             self._publish({**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
                            "ntotal": int(manifest["ntotal"]) - len(new)})
@@ -472,7 +487,7 @@ class Gallery:
     def _publish(self, manifest: dict) -> None:
         manifest["format"] = store.INDEX_FORMAT
         snap = self._open(manifest)  # load (and check) before publishing: never publish what we cannot read
-        store.write_json(self.directory / store.MANIFEST, manifest)
+        atomic.write_json(self.directory / store.MANIFEST, manifest)
         self._snap = snap
 
     def _trained(self, manifest: dict):
@@ -482,19 +497,15 @@ class Gallery:
         if entry:
             return faiss.read_index(str(store.verified(self.directory, entry, verify=self.verify)))
         empty = faiss.index_factory(self.dim, manifest["factory"],
-                                    faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2)
+                                    faiss_metric(self.metric))
         if not empty.is_trained:
             raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
         return empty
 
-    def _model_dir(self, model_dir: str | Path | None) -> Path:
+    def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
         """The embedding model of this index: ``model_dir`` if given, else the manifest's (a path
         relative to the index directory, so a copied index + model still find each other);
         its weights file must hash to the manifest's ``model_weights_sha256``."""
-        import json
-
-        from reidscale.data.shards import sha256_file
-
         recorded = self.manifest.get("model_dir") or ""
         if model_dir:
             path = Path(model_dir)
@@ -507,12 +518,12 @@ class Gallery:
             where = f" (recorded as {recorded!r}, relative to the index directory)" if not model_dir else ""
             raise FileNotFoundError(f"index {self.directory}: embedding model not found at {path}{where}; copy the "
                                     "model beside the index as it was, or pass model_dir=")
-        sha = json.loads((path / "config.json").read_text()).get("weights_sha256")
+        sha = exported.model_sha(path)
         if self.manifest.get("model_sha256") and sha != self.manifest["model_sha256"]:
             raise ValueError(f"model {path} (weights {str(sha)[:12]}) is not the model this index was built "
                              f"with ({self.manifest['model_sha256'][:12]}); its embeddings would not be comparable")
         want = self.manifest.get("model_weights_sha256")
-        if want and (not (path / "model.safetensors").is_file() or sha256_file(path / "model.safetensors") != want):
+        if want and (not (path / "model.safetensors").is_file() or atomic.sha256_file(path / "model.safetensors") != want):
             raise ValueError(f"model {path}: model.safetensors does not hash to the index's model_weights_sha256 "
                              f"{want[:12]} (changed or corrupt); refusing to embed with it")
         return path.resolve()

@@ -4,6 +4,7 @@ vectors), then build the sharded index."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -11,14 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
-from reidscale.data.shards import atomic_write_json, sha256_file
+from reidscale.data.shards import sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec
+from reidscale.index.metric import GALLERY_METRICS
+from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 FACTORY_CHECK_DIMS = (64, 128, 256, 384, 512, 768, 1024, 2048)
 
@@ -66,8 +71,8 @@ class IndexJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        if self.metric not in ("ip", "l2"):
-            raise ConfigError(f"metric: {self.metric!r} is not one of ip, l2")
+        if self.metric not in GALLERY_METRICS:
+            raise ConfigError(f"metric: {self.metric!r} is not one of {', '.join(GALLERY_METRICS)}")
         if self.num_shards < 1:
             raise ConfigError("num_shards: must be >= 1")
         if self.memory_budget_gb <= 0:
@@ -226,11 +231,11 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
     else:
         if not (Path(cfg.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {cfg.model_dir}: no exported embedding model (run the training job first)")
-        model_sha = json.loads((Path(cfg.model_dir) / "config.json").read_text())["weights_sha256"]
+        model_sha = exported.model_sha(cfg.model_dir)
         emb_dir = out_dir / "embeddings"
         embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)
         if embed_stats is not None:
-            print(f"embeddings in {emb_dir} are complete for this model and data; not embedding again", flush=True)
+            log.info(f"embeddings in {emb_dir} are complete for this model and data; not embedding again")
         else:
             embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed,
                                       job_name=f"build_index-{out_dir.name}")
@@ -260,12 +265,12 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
                                                        "message", "time_s", "generation")}
         summary["calibration"].update({"settings_tried": len(cal["tried"]), "plot": "calibration.png"})
         summary["calibration_time_fraction"] = cal["time_s"] / max(manifest["build_time_s"], 1e-9)
-    atomic_write_json(out_dir / "build_summary.json", summary)
+    atomic.write_json(out_dir / "build_summary.json", summary)
     for line in summary_lines(summary):
         print(line, flush=True)
     uri = tracking.tracking_uri(cfg.tracking, cfg.run_dir)
     c = tracking.client(uri)
-    lineage = (tracking.lineage_tags(c, json.loads((Path(model_dir) / "config.json").read_text())) if model_dir
+    lineage = (tracking.lineage_tags(c, exported.read_export_config(model_dir)) if model_dir
                else {"reidscale.model_sha256": model_sha or ""})
     run_id = tracking.start_run(uri, cfg.tracking.experiment, f"build_index-{out_dir.name}", params=cfg,
                                 tags={"reidscale.job": "build_index", "reidscale.index_dir": str(out_dir), **lineage})

@@ -2,7 +2,8 @@
 
 Protocol (what makes an index directory safe to read while it changes):
 
-* every file is written under a temporary name, fsynced, and renamed into place; a
+* every file is written with ``reidscale.atomic`` (temporary name, fsync, rename, fsync of
+  the directory); a
   data file (shard, metadata, tombstones) is never rewritten under the same name once a
   manifest lists it (``add``/``remove`` write new files with the new generation number);
 * ``manifest.json`` is written last, atomically, and is the only thing a reader trusts:
@@ -17,11 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from reidscale.data.shards import sha256_file
+from reidscale import atomic
 
 INDEX_FORMAT = "reidscale-index-v2"
 # v1 (no generations, add/remove) is read as generation 0
@@ -33,45 +33,16 @@ class GalleryError(ValueError):
     """An index directory is incomplete, tampered with, or of another format."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> str:
-    """``write(tmp_path)``, fsync, rename to ``path``; return the file's sha256."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return digest
-
-
 def write_index(index, path: str | Path) -> str:
     import faiss
 
-    return write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+    return atomic.write_file(path, lambda tmp: faiss.write_index(index, str(tmp)), checksum=True)
 
 
 def write_table(table, path: str | Path) -> str:
     import pyarrow.parquet as pq
 
-    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    return atomic.write_file(path, lambda tmp: pq.write_table(table, tmp), checksum=True)
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -93,7 +64,7 @@ def verified(directory: str | Path, entry: dict, *, verify: bool = True) -> Path
     path = Path(directory) / entry["file"]
     if not path.is_file():
         raise GalleryError(f"{path}: listed in the manifest but missing (partial copy or deleted)")
-    if verify and sha256_file(path) != entry["sha256"]:
+    if verify and atomic.sha256_file(path) != entry["sha256"]:
         raise GalleryError(f"{path}: sha256 does not match the manifest; refusing to load it")
     return path
 

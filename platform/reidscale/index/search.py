@@ -9,8 +9,9 @@ from typing import Literal
 
 import numpy as np
 
+from reidscale import atomic
 from reidscale.config import ConfigError
-from reidscale.data.shards import atomic_write_json
+from reidscale.index.metric import eval_metric_for, larger_is_closer
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _queries(cfg: SearchJobConfig, gallery) -> tuple[np.ndarray, list, list, lis
         return vectors, [f"{Path(cfg.vectors).name}[{i}]" for i in range(n)], [None] * n, [None] * n
     from reidscale.embed import embed_images, embed_split_in_process
 
-    model_dir = gallery._model_dir(cfg.model_dir or None)
+    model_dir = gallery.resolve_model_dir(cfg.model_dir or None)
     if cfg.images:
         vectors, ok = embed_images(model_dir, cfg.images, cameras=cfg.cameras or None)
         if not ok.all():
@@ -97,7 +98,7 @@ def search_excluding_same_camera(gallery, vectors: np.ndarray, identities: np.nd
     """(identities, scores, row ids), each Q×k, best first, without the gallery images whose identity
     AND camera are the query's (the ReID protocol's junk). ``distinct``: one entry (its best image) per
     identity. Searches deeper until k entries remain or the gallery is exhausted; pads with -1."""
-    larger = gallery.metric == "ip"
+    larger = larger_is_closer(gallery.metric)
     n = len(vectors)
     out_ident = np.full((n, k), -1, np.int64)
     out_score = np.full((n, k), -np.inf if larger else np.inf, np.float32)
@@ -163,7 +164,7 @@ def search_queries(cfg: SearchJobConfig) -> dict:
             entry["query_camera"] = int(query_cams[q])
         results.append(entry)
     summary = {"index_dir": str(cfg.index_dir), "generation": gallery.generation, "metric": gallery.metric,
-               "distance": "cosine" if gallery.metric == "ip" else "euclidean", "k": cfg.k,
+               "distance": eval_metric_for(gallery.metric), "k": cfg.k,
                "distinct_identities": cfg.distinct_identities, "exclude_same_camera": exclude,
                "num_queries": len(results), "results": results}
     if truth and truth[0] is not None:
@@ -178,9 +179,7 @@ def search_queries(cfg: SearchJobConfig) -> dict:
 
 def _has_true_match(gallery, identities: np.ndarray, cameras: np.ndarray, exclude: bool) -> np.ndarray:
     """Per query: does the gallery hold an image of its identity (in another camera, with ``exclude``)?"""
-    snap = gallery._snap
-    live = ~np.isin(snap.row_ids, snap.removed)
-    g_ids, g_cams = snap.identity[live], snap.camera[live]
+    g_ids, g_cams = gallery.live_labels()
     return np.array([((g_ids == i) & ((g_cams != c) if exclude else True)).any() for i, c in zip(identities, cameras)],
                     dtype=bool)
 
@@ -204,7 +203,7 @@ def run_search(cfg: SearchJobConfig) -> dict:
     """The job: search, print a table or the JSON document (``format=json``), write ``out``."""
     summary = search_queries(cfg)
     if cfg.out:
-        atomic_write_json(cfg.out, summary)
+        atomic.write_json(cfg.out, summary)
     if cfg.format == "json":
         # The results are the job's output, not a summary of it: printed whole, on stdout.
         print(json.dumps(summary, indent=2))

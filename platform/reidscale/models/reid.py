@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from reidscale import atomic
 from reidscale.data.transforms import TransformConfig
 from reidscale.models.backbone import ModelConfig, build_backbone
 from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
@@ -166,14 +165,9 @@ def export_embedding_model(
     The directory is built under a temporary name and renamed into place, so a reader
     never sees a half-written export.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # exports are fp32 whatever the training precision (bf16 under DeepSpeed): one format to load
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
     config = {
         "format": EXPORT_FORMAT,
         "model": asdict(model_cfg),
@@ -185,15 +179,12 @@ def export_embedding_model(
     if hasattr(model.backbone, "export_config"):
         # architecture the config alone does not name (hf_clip's CLIPVisionConfig)
         config["backbone_config"] = model.backbone.export_config()
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+
+    def build(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    return atomic.replace_dir(out_dir, build)
 
 
 def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:

@@ -330,7 +330,7 @@ def run_service(cfg: ServeConfig) -> dict:
     print(f"reidscale service at {url} (OpenAPI: {url}/docs); Ctrl-C or SIGTERM stops it", flush=True)
     while not done.wait(0.5):  # short waits: the signal handler runs between them
         pass
-    print("stopping: deleting the Serve application", flush=True)
+    log.info("stopping: deleting the Serve application")
     stop()
     import ray
 

@@ -8,7 +8,6 @@ and embed a list of images on CPU or GPU), the same decode and model as
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
@@ -19,10 +18,9 @@ log = logging.getLogger(__name__)
 
 def model_summary(model_dir: str | Path) -> dict:
     """What the ingress needs to know of an export without loading it: dim, weights hash, SIE cameras."""
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"model_dir {model_dir}: no config.json; not an exported embedding model")
-    config = json.loads(config_file.read_text())
+    from reidscale.models.exported import read_export_config
+
+    config = read_export_config(model_dir)
     return {"model_dir": str(model_dir), "dim": int(config["dim"]), "weights_sha256": config.get("weights_sha256", ""),
             "sie_cameras": int(config["model"].get("sie_cameras", 0) or 0),
             "backbone": config["model"].get("backbone", "")}
@@ -44,17 +42,11 @@ class ImageEmbedder:
         log.info("embedder: %s on %s (dim %d)", model_dir, self.device, self.config["dim"])
 
     def __call__(self, images: list[bytes], cameras: list[int] | None = None) -> list[np.ndarray | None]:
-        import torch
+        from reidscale.models.inference import embed_encoded
 
-        from reidscale.data.transforms import decode_batch
-        from reidscale.models.reid import side_inputs
-
-        batch = decode_batch({"image": np.array(images, dtype=object)}, self.config["transform_config"], train=False)
-        side = side_inputs(self.model, cameras, self.device)
-        with torch.inference_mode():
-            x = torch.from_numpy(batch["image"]).to(self.device)
-            vectors = self.model(x, **side).float().cpu().numpy()
-        return [v if ok else None for v, ok in zip(vectors, batch["decode_ok"])]
+        vectors, decoded = embed_encoded(self.model, self.config["transform_config"], images, cameras,
+                                         device=self.device)
+        return [v if ok else None for v, ok in zip(vectors, decoded)]
 
 
 def embedder_deployment():

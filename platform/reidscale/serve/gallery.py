@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from reidscale.index.gallery import Gallery
+from reidscale.index.metric import larger_is_closer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def search_filtered(gallery: Gallery, queries: np.ndarray, k: int, cameras: list
     """
     if cameras is None and exclude_camera is None:
         return gallery.search_identities(queries, k)
-    larger = gallery.metric == "ip"
+    larger = larger_is_closer(gallery.metric)
     q = len(queries)
     out_ident = np.full((q, k), -1, np.int64)
     out_score = np.full((q, k), -np.inf if larger else np.inf, np.float32)

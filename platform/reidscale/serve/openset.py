@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reidscale.index.metric import larger_is_closer
+
 log = logging.getLogger(__name__)
 
 OPEN_SET_FILE = "open_set.json"
@@ -35,7 +37,7 @@ class OpenSetThreshold:
         if self.value is None:
             return [None] * len(best_scores)
         hit = best_identities >= 0
-        same = best_scores >= self.value if self.metric == "ip" else best_scores <= self.value
+        same = best_scores >= self.value if larger_is_closer(self.metric) else best_scores <= self.value
         return [bool(not (h and s)) for h, s in zip(hit, same)]
 
 

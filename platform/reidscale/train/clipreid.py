@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from reidscale.data.shards import atomic_write_bytes
+from reidscale import atomic
 from reidscale.train.engine import barrier, deepspeed_config, lockstep
 from reidscale.train.schedule import lr_factor
 
@@ -89,7 +89,7 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
     features = all_text_features(engine.module, num_classes, rank=rank, world=world)
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, save({"text_features": features.contiguous()}))
+        atomic.write_bytes(out, save({"text_features": features.contiguous()}))
     barrier()
     for p in visual.parameters():
         p.requires_grad_(True)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reidscale import tracking
+from reidscale import atomic, tracking
 from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
 from reidscale.data.pipeline import row_groups
+from reidscale.models import exported
 from reidscale.ray_runtime import cluster_has_gpus, init_ray
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
@@ -162,7 +162,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
     }
     tracking.log_metrics(c, run_id, {"train_wall_time_s": wall}, step=metrics.get("global_step", 0))
     tracking.log_json_artifact(c, run_id, summary, "train_summary.json")
-    shards.atomic_write_json(run_dir / "train_summary.json", summary)
+    atomic.write_json(run_dir / "train_summary.json", summary)
     c.set_terminated(run_id)
     return summary
 
@@ -179,7 +179,7 @@ def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) 
     for name, directory in (("model-last", models / "trained"), ("model-best", best)):
         if not directory.is_dir():
             continue
-        weights = json.loads((directory / "config.json").read_text())["weights_sha256"]
+        weights = exported.model_sha(directory)
         tags = {"weights_sha256": weights, "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
                 "recipe": cfg.recipe, "reidscale.train_run_id": run_id}
         register = cfg.tracking.register_as if directory == registered else ""

@@ -5,27 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import torch.distributed as dist
 
 from reidscale.data import shards
-from reidscale.data.transforms import TransformConfig, decode_batch
+from reidscale.data.transforms import TransformConfig
 
 
 def _embed_part(model, table: pa.Table, cfg: TransformConfig, device, dtype, batch_size: int) -> np.ndarray:
     """Embeddings of ``table``'s images; an SIE model also gets each image's camera, as in
     training and in TransReID's test protocol (the query's own camera)."""
-    from reidscale.models.reid import side_inputs
+    from reidscale.models.inference import embed_encoded
 
-    out = []
-    images = table.column("image").to_numpy(zero_copy_only=False)
-    cameras = table.column("camera").to_numpy()
-    for lo in range(0, len(images), batch_size):
-        decoded = decode_batch({"image": images[lo : lo + batch_size]}, cfg, train=False)
-        x = torch.from_numpy(decoded["image"]).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            out.append(model(x, **side_inputs(model, cameras[lo : lo + batch_size], device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    if not len(table):
+        return np.zeros((0, 0), np.float32)
+    # no_grad, not inference mode: this model goes back to training after validation
+    vectors, _ = embed_encoded(model, cfg, table.column("image").to_numpy(zero_copy_only=False),
+                               table.column("camera").to_numpy(), batch_size=batch_size, device=device, dtype=dtype,
+                               inference_mode=False)
+    return vectors
 
 
 def embed_split_distributed(model, data_dir: str, split: str, cfg: TransformConfig, *, rank: int, world: int,

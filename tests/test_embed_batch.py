@@ -1,0 +1,86 @@
+"""The four embedders (Ray Data actor, in-process, serve, in-training validation) share one forward
+pass (reidscale.models.inference); each must give the vectors of a plain decode + model call."""
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from reidscale.data.transforms import TransformConfig, decode_batch
+from reidscale.models.backbone import ModelConfig
+
+SIE = replace(ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=16), sie_cameras=3)
+SIZE = TransformConfig(height=32, width=16)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    from reidscale.models.reid import build_reid_model, export_embedding_model
+
+    torch.manual_seed(0)
+    model = build_reid_model(SIE, SIZE, num_classes=4)
+    with torch.no_grad():  # SIE rows start near zero; make the cameras clearly different
+        model.embedding.backbone.sie_embed.normal_()
+    return export_embedding_model(model.embedding, SIE, SIZE, tmp_path_factory.mktemp("model") / "export")
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+CAMERAS = np.array([0, 1, 2, 1, 0])
+
+
+def _reference(export, jpegs):
+    """Independent of the code under test: the eval decode and one model call with the cameras."""
+    from reidscale.models.reid import load_embedding_model
+
+    model, _ = load_embedding_model(export)
+    x = torch.from_numpy(decode_batch({"image": np.array(jpegs, dtype=object)}, SIZE, train=False)["image"])
+    with torch.no_grad():
+        return model, model(x, cameras=torch.from_numpy(CAMERAS)).numpy(), model(x).numpy()
+
+
+def test_every_embedder_gives_the_plain_model_vectors_with_each_images_camera(export, jpegs):
+    from reidscale.embed import Embedder, embed_images
+    from reidscale.serve.embedder import ImageEmbedder
+    from reidscale.train.validation import _embed_part
+
+    model, want, without_cameras = _reference(export, jpegs)
+    assert np.abs(want - without_cameras).max() > 1e-4  # the cameras matter, so passing them is tested
+
+    in_process, ok = embed_images(export, jpegs, batch_size=2, cameras=CAMERAS)
+    assert ok.all()
+    served = ImageEmbedder(str(export))(jpegs, list(CAMERAS))
+    validation = _embed_part(model, pa.table({"image": pa.array(jpegs, pa.binary()),
+                                              "camera": pa.array(CAMERAS, pa.int32())}),
+                             SIZE, torch.device("cpu"), torch.float32, batch_size=3)
+    decoded = decode_batch({"image": np.array(jpegs, dtype=object)}, SIZE, train=False)
+    actor = Embedder(str(export))({"image": decoded["image"], "camera": CAMERAS, "row_id": np.arange(5)})
+    for got in (in_process, np.stack(served), validation, actor["embedding"]):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(actor["row_id"], np.arange(5))
+
+
+def test_undecodable_images_are_flagged_not_embedded(export, jpegs):
+    from reidscale.embed import embed_images
+    from reidscale.serve.embedder import ImageEmbedder
+
+    images = [jpegs[0], b"not an image", jpegs[1]]
+    vectors, ok = embed_images(export, images, cameras=[0, 1, 2])
+    assert ok.tolist() == [True, False, True] and not vectors[1].any()
+    served = ImageEmbedder(str(export))(images, [0, 1, 2])
+    assert served[1] is None and served[0] is not None
+    np.testing.assert_allclose(served[0], vectors[0], atol=1e-5)
