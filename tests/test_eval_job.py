@@ -44,7 +44,7 @@ def embeddings_table(x, ids, cams):
 
 
 def built_index(path, g, g_ids, g_cams, factory="Flat", with_embeddings=True, record_sha=True, **kw):
-    from reidscale.data.shards import sha256_file
+    from reidscale.atomic import sha256_file
 
     extra = {}
     if with_embeddings:
@@ -75,7 +75,8 @@ def test_stored_embeddings_are_used_after_their_sha256_is_checked(tmp_path):
 
 @pytest.mark.parametrize("record_sha", [True, False])  # False: an older manifest, checked against embeddings.json
 def test_stored_embeddings_replaced_by_zeros_are_refused_naming_the_file(tmp_path, record_sha):
-    from reidscale.data.shards import atomic_write_json, sha256_file
+    from reidscale.atomic import sha256_file
+    from reidscale.atomic import write_json as atomic_write_json
 
     q, g, q_ids, g_ids, q_cams, g_cams = reid_data()
     built_index(tmp_path / "index", g, g_ids, g_cams, record_sha=record_sha)

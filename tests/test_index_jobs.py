@@ -230,7 +230,9 @@ def test_embedding_pool_leaves_a_cpu_for_reading():
 
 
 def test_finished_embeddings_are_reused_only_for_the_same_model_and_data(tmp_path):
-    from reidscale.data.shards import atomic_write_json, sha256_file, write_dataset
+    from reidscale.atomic import sha256_file
+    from reidscale.atomic import write_json as atomic_write_json
+    from reidscale.data.shards import write_dataset
     from reidscale.embed import EMBEDDINGS_MANIFEST, finished_embeddings, split_fingerprint
 
     data = tmp_path / "data"

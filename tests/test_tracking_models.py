@@ -86,7 +86,7 @@ def test_datasets_are_run_inputs_pointing_at_the_manifest(store):
     assert set(by_name) == {"data/train", "data/query"}
     train = by_name["data/train"]
     source = json.loads(train.dataset.source)
-    from reidscale.data.shards import sha256_file
+    from reidscale.atomic import sha256_file
 
     assert source["uri"] == str((data / "manifest.json").resolve())
     assert source["sha256"] == sha256_file(data / "manifest.json")

@@ -202,7 +202,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         "decode_errors": failed,
         "dim": dim,
         "files": files,
-        "file_sha256": {f: shards.sha256_file(out_dir / f) for f in files},
+        "file_sha256": {f: atomic.sha256_file(out_dir / f) for f in files},
         "wall_time_s": wall,
         "images_per_s": written / max(wall, 1e-9),
         "images_per_s_per_actor": written / max(wall, 1e-9) / max(len(actors), 1),
@@ -229,7 +229,7 @@ def finished_embeddings(out_dir: str | Path, model_sha256: str, data_dir: str | 
     if stats.get("model_sha256") != model_sha256 or stats.get("data_sha256") != split_fingerprint(data_dir, split):
         return None
     for name, sha in stats.get("file_sha256", {}).items():
-        if not (Path(out_dir) / name).is_file() or shards.sha256_file(Path(out_dir) / name) != sha:
+        if not (Path(out_dir) / name).is_file() or atomic.sha256_file(Path(out_dir) / name) != sha:
             return None
     return stats
 

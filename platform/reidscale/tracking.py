@@ -199,7 +199,7 @@ def log_dataset(c, run_id: str, data_dir: str | Path, manifest: dict, splits: tu
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from reidscale.data.shards import sha256_file
+    from reidscale.atomic import sha256_file
 
     manifest_path = (Path(data_dir) / "manifest.json").resolve()
     sha = sha256_file(manifest_path)

@@ -84,13 +84,6 @@ def missing_split_message(root: str | Path, split: str, have: list[str], source:
     return f"{root}: the dataset has no {split!r} split (it has: {', '.join(have) or 'none'}); write one with: {how}"
 
 
-# the project's atomic writes live in reidscale.atomic; these names stay because many
-# modules (training checkpoints among them) import them from here
-atomic_write_bytes = atomic.write_bytes
-atomic_write_json = atomic.write_json
-sha256_file = atomic.sha256_file
-
-
 @dataclass
 class SplitStats:
     images: int = 0
@@ -221,7 +214,7 @@ def write_dataset(
     train = manifest["splits"].get("train")
     if train:
         manifest["num_classes"] = train["identities"]
-    atomic_write_json(root / "manifest.json", manifest)
+    atomic.write_json(root / "manifest.json", manifest)
     return manifest
 
 
@@ -322,7 +315,7 @@ def verify_split(root: str | Path, split: str, *, checksums: bool = True) -> lis
                 raise ShardError(f"{path}: column {f.name} has type {schema.field(f.name).type}, expected {f.type}")
         if rows != entry["rows"]:
             raise ShardError(f"{path}: {rows} rows, manifest says {entry['rows']}")
-        if checksums and sha256_file(path) != entry["sha256"]:
+        if checksums and atomic.sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
         files.append(path)
     if not files:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from reidscale import atomic, tracking
 from reidscale.config import ConfigError
 from reidscale.data import shards
-from reidscale.data.shards import sha256_file
+from reidscale.atomic import sha256_file
 from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finished_embeddings, read_embeddings
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from reidscale.data.shards import atomic_write_bytes, atomic_write_json
+from reidscale.atomic import write_bytes, write_json
 from reidscale.models.sharded_fc import ShardedPartialFC
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def save_sharded_fc(head: ShardedPartialFC, optimizer: torch.optim.Optimizer | N
     rows, scalars = _row_states(head, optimizer)
     data = safetensors_bytes({"weight": head.weight.detach().float().cpu().contiguous(), **rows})
     name = f"sharded_fc-{head.lo:010d}-{head.hi:010d}.safetensors"
-    atomic_write_bytes(directory / name, data)
+    write_bytes(directory / name, data)
     listing = {"file": name, "lo": head.lo, "hi": head.hi, "sha256": hashlib.sha256(data).hexdigest(),
                "states": sorted(rows), "scalars": scalars}
     listings = [listing]
@@ -79,7 +79,7 @@ def save_sharded_fc(head: ShardedPartialFC, optimizer: torch.optim.Optimizer | N
         scalar_sets = {json.dumps(x["scalars"], sort_keys=True) for x in listings}
         if len(scalar_sets) != 1:
             raise RuntimeError(f"sharded FC save: ranks disagree on the optimizer's scalar state {scalar_sets}")
-        atomic_write_json(index, {
+        write_json(index, {
             "format": FORMAT, "num_classes": head.num_classes, "dim": head.dim,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "optimizer_scalars": listings[0]["scalars"], "row_states": listings[0]["states"],

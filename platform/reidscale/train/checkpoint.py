@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reidscale.data.shards import atomic_write_json, sha256_file
+from reidscale.atomic import sha256_file, write_json
 
 STATE_FILE = "reidscale_state.json"
 
@@ -34,11 +34,11 @@ def _files(root: Path) -> list[Path]:
 def write_rank_listing(directory: str | Path, rank: int) -> None:
     root = Path(directory)
     listing = {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(root)}
-    atomic_write_json(root / f"rank-{rank}.json", {"rank": rank, "files": listing})
+    write_json(root / f"rank-{rank}.json", {"rank": rank, "files": listing})
 
 
 def write_state(directory: str | Path, state: dict) -> None:
-    atomic_write_json(Path(directory) / STATE_FILE, state)
+    write_json(Path(directory) / STATE_FILE, state)
 
 
 def verify_complete(directory: str | Path) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from reidscale import atomic
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.models.reid import export_embedding_model, side_inputs
 from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
@@ -165,7 +166,6 @@ def _epoch_centres(w: Worker, epoch: int):
 
     import numpy as np
 
-    from reidscale.data.shards import atomic_write_bytes
 
     path = w.run_dir / "sampler" / f"centres-epoch{epoch:04d}.npy"
     # rank 0 decides, so that every rank enters (or skips) the ZeRO-3 gather together
@@ -181,7 +181,7 @@ def _epoch_centres(w: Worker, epoch: int):
             path.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             np.save(buf, centres)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic.write_bytes(path, buf.getvalue())
     eng.barrier()
     return np.load(path, mmap_mode="r")
 

@@ -170,7 +170,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
 def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) -> dict:
     """models/trained (as ``model-last``) and models/best (``model-best``) as MLflow pyfunc models;
     with ``tracking.register_as`` the best one (the last without validation) becomes a new version."""
-    from reidscale.data.shards import sha256_file
+    from reidscale.atomic import sha256_file
 
     models = Path(cfg.run_dir) / "models"
     best = models / "best"
