@@ -377,7 +377,7 @@ def main() -> None:
                             "speedup_vs_exact": r["speedup_vs_exact"], "peak_rss_bytes": r["peak_rss_bytes"],
                             "met": ok})
             print(f"target at {r['n']:,} ({r['source']}): recall@10 {r['recall10']:.4f} (>= 0.95), "
-                  f"{r['speedup_vs_exact']:.1f}x exact q/s (>= 20), peak {r['peak_rss_bytes'] / 1e9:.2f} GB (< 8): "
+                  f"{r['speedup_vs_exact']:.1f}x exact q/s ({'>= 20' if r['n'] >= 1_000_000 else 'no goal below 1M'}), peak {r['peak_rss_bytes'] / 1e9:.2f} GB (< 8): "
                   f"{'met' if ok else 'MISSED'}")
     if skipped:
         print(skipped)
