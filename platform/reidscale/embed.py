@@ -116,25 +116,70 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     ``images_per_s`` over the wall time, and ``per_actor``: images and images/s of model
     time for each actor of the pool.
     """
-    import ray
-    import ray.data
     from tqdm import tqdm
 
-    from reidscale.data.pipeline import decoded, read_split
     from reidscale.models.reid import load_embedding_model
-    from reidscale.ray_runtime import init_ray
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _, model_config = load_embedding_model(model_dir)  # fail here, not inside an actor
     dim = int(model_config["dim"])
     total = shards.read_manifest(data_dir)["splits"][split]["images"]
+    ds = _embedding_dataset(model_dir, model_config, data_dir, split, cfg, job_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+    for stale in out_dir.glob("embeddings-*.parquet"):  # a previous run's shards, maybe more of them
+        stale.unlink()
+    writer = _ShardWriter(out_dir, embedding_schema(dim), cfg.rows_per_shard)
+    per_actor: dict[str, list[float]] = {}
+    failed = 0
+    t0 = time.time()
+    with tqdm(total=total, desc=f"embed {split}", unit="img", mininterval=2.0) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = batch["decode_ok"]
+            failed += int((~ok).sum())
+            _count_actor_time(per_actor, batch, ok)
+            writer.add(_embedding_rows(batch, ok, writer.schema, dim))
+            bar.update(len(ok))
+        writer.flush()
+    wall = time.time() - t0
+    actors = [{"actor": a, "images": int(n), "model_s": round(sec, 3), "images_per_s": n / max(sec, 1e-9)}
+              for a, (n, sec) in sorted(per_actor.items())]
+    for a in actors:
+        log.info(f"embed {split}: actor {a['actor']}: {a['images']} images, {a['images_per_s']:.1f} img/s in the model")
+    stats = {
+        "split": split,
+        "embedded": writer.rows,
+        "decode_errors": failed,
+        "dim": dim,
+        "files": writer.files,
+        "file_sha256": {f: atomic.sha256_file(out_dir / f) for f in writer.files},
+        "wall_time_s": wall,
+        "images_per_s": writer.rows / max(wall, 1e-9),
+        "images_per_s_per_actor": writer.rows / max(wall, 1e-9) / max(len(actors), 1),
+        "per_actor": actors,
+        "model_sha256": model_config["weights_sha256"],
+        "data_sha256": split_fingerprint(data_dir, split),
+    }
+    atomic.write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
+    return stats
+
+
+def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path, split: str, cfg: EmbedConfig,
+                       job_name: str):
+    """The Ray layer: the split's decoded batches through an actor pool of ``Embedder``s."""
+    import ray
+    import ray.data
+
+    from reidscale.data.pipeline import decoded, read_split
+    from reidscale.ray_runtime import init_ray
+
     init_ray(job_name=job_name)
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
-    # the tqdm bar below reports progress; Ray Data's own bars only add noise to job logs
+    # the caller's tqdm bar reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = decoded(read_split(data_dir, split), model_config["transform_config"], train=False, batch_size=cfg.batch_size)
-    ds = ds.map_batches(
+    return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_dir": str(model_dir), "threads": max(1, int(cfg.cpus_per_actor))},
         batch_size=cfg.batch_size,
@@ -143,75 +188,58 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
         num_cpus=cpus_per_actor,
         batch_format="numpy",
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
-    for stale in out_dir.glob("embeddings-*.parquet"):  # a previous run's shards, maybe more of them
-        stale.unlink()
-    schema = embedding_schema(dim)
-    per_actor: dict[str, list[float]] = {}
-    written, failed, files = 0, 0, []
-    pending: list[pa.Table] = []
-    pending_rows = 0
 
-    def flush() -> None:
-        nonlocal pending, pending_rows
-        if not pending:
+
+def _count_actor_time(per_actor: dict[str, list[float]], batch: dict, ok: np.ndarray) -> None:
+    """Images embedded and model seconds per actor (the pool's balance, in the job summary)."""
+    for actor in np.unique(batch["actor"]):
+        mine = batch["actor"] == actor
+        stats = per_actor.setdefault(str(actor), [0, 0.0])
+        stats[0] += int((mine & ok).sum())
+        stats[1] += float(batch["model_s"][mine].sum())
+
+
+def _embedding_rows(batch: dict, ok: np.ndarray, schema: pa.Schema, dim: int) -> pa.Table:
+    """The rows of ``batch`` that decoded, as an embedding-shard table."""
+    emb = batch["embedding"][ok]
+    return pa.table(
+        {
+            "row_id": batch["row_id"][ok].astype(np.int64),
+            "identity": batch["identity"][ok].astype(np.int64),
+            "camera": batch["camera"][ok].astype(np.int32),
+            "path": batch["path"][ok].astype(str),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
+        },
+        schema=schema,
+    )
+
+
+class _ShardWriter:
+    """Embedding rows into ``embeddings-NNNNN.parquet`` files of about ``rows_per_shard`` rows,
+    each written atomically, so a reader never sees a half-written shard."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_shard: int):
+        self.out_dir, self.schema, self.rows_per_shard = out_dir, schema, rows_per_shard
+        self.files: list[str] = []
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._pending_rows += len(table)
+        self.rows += len(table)
+        if self._pending_rows >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
             return
-        path = out_dir / f"embeddings-{len(files):05d}.parquet"
-        table = pa.concat_tables(pending)
+        path = self.out_dir / f"embeddings-{len(self.files):05d}.parquet"
+        table = pa.concat_tables(self._pending)
         atomic.write_file(path, lambda tmp: pq.write_table(table, tmp))
-        files.append(path.name)
-        pending, pending_rows = [], 0
-
-    t0 = time.time()
-    with tqdm(total=total, desc=f"embed {split}", unit="img", mininterval=2.0) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ok = batch["decode_ok"]
-            failed += int((~ok).sum())
-            for actor in np.unique(batch["actor"]):
-                mine = batch["actor"] == actor
-                stats = per_actor.setdefault(str(actor), [0, 0.0])
-                stats[0] += int((mine & ok).sum())
-                stats[1] += float(batch["model_s"][mine].sum())
-            emb = batch["embedding"][ok]
-            table = pa.table(
-                {
-                    "row_id": batch["row_id"][ok].astype(np.int64),
-                    "identity": batch["identity"][ok].astype(np.int64),
-                    "camera": batch["camera"][ok].astype(np.int32),
-                    "path": batch["path"][ok].astype(str),
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
-                },
-                schema=schema,
-            )
-            pending.append(table)
-            pending_rows += len(table)
-            written += len(table)
-            bar.update(len(ok))
-            if pending_rows >= cfg.rows_per_shard:
-                flush()
-        flush()
-    wall = time.time() - t0
-    actors = [{"actor": a, "images": int(n), "model_s": round(sec, 3), "images_per_s": n / max(sec, 1e-9)}
-              for a, (n, sec) in sorted(per_actor.items())]
-    for a in actors:
-        log.info(f"embed {split}: actor {a['actor']}: {a['images']} images, {a['images_per_s']:.1f} img/s in the model")
-    stats = {
-        "split": split,
-        "embedded": written,
-        "decode_errors": failed,
-        "dim": dim,
-        "files": files,
-        "file_sha256": {f: atomic.sha256_file(out_dir / f) for f in files},
-        "wall_time_s": wall,
-        "images_per_s": written / max(wall, 1e-9),
-        "images_per_s_per_actor": written / max(wall, 1e-9) / max(len(actors), 1),
-        "per_actor": actors,
-        "model_sha256": model_config["weights_sha256"],
-        "data_sha256": split_fingerprint(data_dir, split),
-    }
-    atomic.write_json(out_dir / EMBEDDINGS_MANIFEST, stats)
-    return stats
+        self.files.append(path.name)
+        self._pending, self._pending_rows = [], 0
 
 
 def split_fingerprint(data_dir: str | Path, split: str) -> str:

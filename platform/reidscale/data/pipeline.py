@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -46,12 +46,20 @@ def decoded(ds, cfg: TransformConfig, *, train: bool, batch_size: int = 64):
     )
 
 
-def row_groups(root: str | Path, split: str) -> list[tuple[str, int, int]]:
-    """(file, row group, rows) for every row group of a split, in manifest order (footer reads only)."""
+class RowGroup(NamedTuple):
+    """One Parquet row group: the unit of per-worker streams and shuffling."""
+
+    path: str
+    group: int
+    rows: int
+
+
+def row_groups(root: str | Path, split: str) -> list[RowGroup]:
+    """Every row group of a split, in manifest order (footer reads only)."""
     out = []
     for path in shards.split_files(root, split):
         meta = pq.ParquetFile(path).metadata
-        out.extend((str(path), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        out.extend(RowGroup(str(path), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
     return out
 
 
@@ -60,7 +68,8 @@ def _mix(*values: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def epoch_assignment(groups: list, epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, tuple]]:
+def epoch_assignment(groups: list[RowGroup], epoch: int, seed: int, rank: int,
+                     world: int) -> list[tuple[int, RowGroup]]:
     """This worker's (global index, group) list for ``epoch``: a seeded permutation, strided by rank."""
     order = np.random.default_rng(_mix(seed, epoch)).permutation(len(groups))
     return [(int(i), groups[i]) for i in order[rank::world]]

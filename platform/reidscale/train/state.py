@@ -23,7 +23,7 @@ class WorkerPlan:
     steps_per_epoch: int
     stage1_steps_per_epoch: int
     # (file, row group index, rows) of the train split
-    row_groups: list
+    row_groups: list  # of data.pipeline.RowGroup
     run_id: str
     tracking_uri: str
     # the checkpoint to start from when Ray Train offers none newer than the run had at launch
