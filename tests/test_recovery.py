@@ -171,5 +171,5 @@ def test_a_job_that_fails_before_training_leaves_no_running_mlflow_run(first_run
     run_args = [a for a in args if not a.startswith(("run_dir=", "train.num_workers"))]
     proc = _job("train_clipreid.py", f"run_dir={tmp_path}", *run_args, "train.num_workers=50", timeout=300)
     assert proc.returncode == 1
-    assert "row groups for 50 workers" in proc.stderr and "Traceback" not in proc.stderr
+    assert "row group(s) for train.num_workers=50" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or all(s != "RUNNING" for _, s in _runs(tmp_path))
