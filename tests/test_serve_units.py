@@ -193,6 +193,23 @@ def test_plan_refuses_a_model_the_index_was_not_built_with(tmp_path):
     assert vectors_only["model"] is None and vectors_only["threshold"]["value"] is None
 
 
+def test_plan_finds_the_model_an_index_recorded_relative_to_itself_from_any_working_directory(tmp_path,
+                                                                                                monkeypatch):
+    # as build_index records it: "../../models/trained" from <run>/index/trained
+    from reidscale.serve.app import plan
+
+    run = tmp_path / "run"
+    export = _export(run / "models" / "trained")
+    sha = json.loads((export / "config.json").read_text())["weights_sha256"]
+    x, meta = _index(tmp_path / "scratch", sha=sha)
+    build_index(x, meta, run / "index" / "trained", factory="Flat", model_sha256=sha, model_dir=export,
+                log=lambda *_: None)
+    assert json.loads((run / "index" / "trained" / "manifest.json").read_text())["model_dir"] == "../../models/trained"
+    monkeypatch.chdir(tmp_path)  # not the run directory: the path is relative to the index, not the cwd
+    p = plan(config_from_args({"index_dir": str(run / "index" / "trained"), "score_threshold": 0.5}))
+    assert p["model"]["model_dir"] == str(export.resolve()) and p["model"]["weights_sha256"] == sha
+
+
 def test_searches_during_enrolments_answer_from_the_generation_they_report(tmp_path):
     """A search that reports generation >= g sees what g added; one that reports < g does not."""
     import threading

@@ -503,27 +503,33 @@ class Gallery:
         return empty
 
     def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
-        """The embedding model of this index: ``model_dir`` if given, else the manifest's (a path
-        relative to the index directory, so a copied index + model still find each other);
-        its weights file must hash to the manifest's ``model_weights_sha256``."""
-        recorded = self.manifest.get("model_dir") or ""
-        if model_dir:
-            path = Path(model_dir)
-        elif recorded:
-            path = Path(recorded) if Path(recorded).is_absolute() else (self.directory / recorded)
-        else:
-            raise FileNotFoundError(f"index {self.directory}: no model recorded (built from precomputed vectors); "
-                                    "pass model_dir=")
-        if not (path / "config.json").is_file():
-            where = f" (recorded as {recorded!r}, relative to the index directory)" if not model_dir else ""
-            raise FileNotFoundError(f"index {self.directory}: embedding model not found at {path}{where}; copy the "
-                                    "model beside the index as it was, or pass model_dir=")
-        sha = exported.model_sha(path)
-        if self.manifest.get("model_sha256") and sha != self.manifest["model_sha256"]:
-            raise ValueError(f"model {path} (weights {str(sha)[:12]}) is not the model this index was built "
-                             f"with ({self.manifest['model_sha256'][:12]}); its embeddings would not be comparable")
-        want = self.manifest.get("model_weights_sha256")
-        if want and (not (path / "model.safetensors").is_file() or atomic.sha256_file(path / "model.safetensors") != want):
-            raise ValueError(f"model {path}: model.safetensors does not hash to the index's model_weights_sha256 "
-                             f"{want[:12]} (changed or corrupt); refusing to embed with it")
-        return path.resolve()
+        """The embedding model of this index (see ``resolve_model_dir``)."""
+        return resolve_model_dir(self.directory, self.manifest, model_dir)
+
+
+def resolve_model_dir(index_dir: str | Path, manifest: dict, model_dir: str | Path | None = None) -> Path:
+    """The embedding model of the index at ``index_dir``: ``model_dir`` if given, else the
+    manifest's (a path relative to the index directory, so a copied index + model still find
+    each other); its weights must be the ones the index was built with."""
+    directory = Path(index_dir)
+    recorded = manifest.get("model_dir") or ""
+    if model_dir:
+        path = Path(model_dir)
+    elif recorded:
+        path = Path(recorded) if Path(recorded).is_absolute() else (directory / recorded)
+    else:
+        raise FileNotFoundError(f"index {directory}: no model recorded (built from precomputed vectors); "
+                                "pass model_dir=")
+    if not (path / "config.json").is_file():
+        where = f" (recorded as {recorded!r}, relative to the index directory)" if not model_dir else ""
+        raise FileNotFoundError(f"index {directory}: embedding model not found at {path}{where}; copy the "
+                                "model beside the index as it was, or pass model_dir=")
+    sha = exported.model_sha(path)
+    if manifest.get("model_sha256") and sha != manifest["model_sha256"]:
+        raise ValueError(f"model {path} (weights {str(sha)[:12]}) is not the model this index was built "
+                         f"with ({manifest['model_sha256'][:12]}); its embeddings would not be comparable")
+    want = manifest.get("model_weights_sha256")
+    if want and (not (path / "model.safetensors").is_file() or atomic.sha256_file(path / "model.safetensors") != want):
+        raise ValueError(f"model {path}: model.safetensors does not hash to the index's model_weights_sha256 "
+                         f"{want[:12]} (changed or corrupt); refusing to embed with it")
+    return path.resolve()

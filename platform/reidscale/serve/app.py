@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reidscale.index.gallery import resolve_model_dir
 from reidscale.index.manifest import read_manifest
 # at module level: FastAPI resolves the (string) annotations of the routes against these globals
 from reidscale.serve import schema as s
@@ -42,9 +43,10 @@ def plan(cfg: ServeConfig) -> dict:
     manifest = read_manifest(index_dir)
     model = None
     if cfg.model_dir != "none":
-        model_dir = cfg.model_dir or manifest.get("model_dir") or ""
-        if model_dir:
-            model = model_summary(Path(model_dir).resolve())
+        if cfg.model_dir or manifest.get("model_dir"):
+            # the index's own rule: a recorded path is relative to the index directory, weights checked
+            model_dir = resolve_model_dir(index_dir, manifest, cfg.model_dir or None)
+            model = model_summary(model_dir)
             if model["dim"] != int(manifest["dim"]):
                 raise ValueError(f"model_dir {model_dir}: {model['dim']}-d embeddings, the index holds "
                                  f"{manifest['dim']}-d vectors")
