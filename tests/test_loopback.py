@@ -65,9 +65,12 @@ def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
             try:
-                name = " ".join(psutil.Process(conn.pid).cmdline())[:80]
+                cmd = psutil.Process(conn.pid).cmdline()
             except psutil.NoSuchProcess:
                 continue
+            # the program's own name first, then its arguments: a checkout's path length
+            # (CI's is longer) must not push the name past a cut
+            name = " ".join([Path(cmd[0]).name if cmd else "?", *cmd[1:]])[:160]
             out.append((conn.laddr.ip, conn.laddr.port, name))
     return sorted(out)
 
