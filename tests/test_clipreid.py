@@ -74,30 +74,11 @@ def test_stage2_adds_the_image_to_text_cross_entropy(clip):
     total, terms = compute_loss(model, images, labels, cfg, text)
     feat, _ = model(images)
     expected = F.cross_entropy(feat @ text.t(), labels)  # plain reference, no smoothing
-    assert terms["i2t"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["i2t"].detach()) == pytest.approx(float(expected), rel=1e-5)
     _, without = compute_loss(model, images, labels, cfg, None)
     assert "i2t" not in without
 
 
-def test_two_stage_recipe_runs_in_the_trainer_and_skips_stage1_on_resume(tmp_path):
-    data = tmp_path / "data"
-    prep = subprocess.run(
-        [sys.executable, "jobs/prepare_data.py", f"out_dir={data}", "synthetic.num_identities=24", "synthetic.height=32",
-         "synthetic.width=16", "synthetic.images_per_identity_median=6", "rows_per_group=16"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert prep.returncode == 0, prep.stderr
-    args = [sys.executable, "jobs/train_clipreid.py", f"run_dir={tmp_path / 'run'}", f"data_dir={data}",
-            "recipe=clipreid", "clipreid.stage1_epochs=1", "clipreid.stage1_batch=8", "transform.height=32",
-            "transform.width=16", "model.width=32", "model.layers=1", "model.heads=2", "model.embed_dim=16",
-            "train.p=4", "train.k=2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.log_every=1"]
-    first = subprocess.run(args + ["train.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "stage 1 epoch 1/1" in first.stdout + first.stderr
-    assert (tmp_path / "run" / "clipreid" / "text_features.safetensors").is_file()
-    # a longer run with the same name resumes from the epoch-1 checkpoint and reuses stage 1
-    second = subprocess.run(args + ["train.epochs=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    log = second.stdout + second.stderr
-    assert "stage 1 already done" in log and "stage 1 epoch" not in log
-    assert "resumed from" in log
-    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["final"]["epoch"] == 2
+# The two-stage recipe through the real training job, and stage 1 skipped on every way of
+# going on (same run dir, a damaged newest checkpoint, train.resume_from into a new run dir):
+# tests/test_recovery.py, whose runs are CLIP-ReID's.

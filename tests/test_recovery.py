@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from reidscale.train.checkpoint import CheckpointError, write_rank_listing, write_state
 from reidscale.train.recovery import RunFinishedError, describe, find_resume_point
@@ -79,8 +81,11 @@ def test_resume_from_refuses_a_run_name_that_has_checkpoints_of_its_own(tmp_path
 
 
 # --- the training job, for real ---------------------------------------------------------------
+# CLIP-ReID's two stages, so every way of going on also checks that stage 1 is not redone
+# (its text features come from the run dir, or from the checkpoint a new run starts from)
 
 TOY = [
+    "recipe=clipreid", "clipreid.stage1_epochs=1", "clipreid.stage1_batch=8",
     "transform.height=32", "transform.width=16", "transform.pad=2",
     "model.width=32", "model.layers=1", "model.heads=2", "model.embed_dim=16",
     "train.p=4", "train.k=2", "train.num_workers=2", "train.cpus_per_worker=0.5",
@@ -107,7 +112,13 @@ def first_run(tmp_path_factory):
     args = [f"run_dir={root / 'run'}", f"data_dir={root / 'data'}", *TOY]
     proc = _job("train_clipreid.py", *args, "train.epochs=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stage 1 epoch 1/1" in proc.stdout + proc.stderr
+    assert (root / "run" / "clipreid" / "text_features.safetensors").is_file()
     return root, args
+
+
+def _text_features(path: Path):
+    return load_file(str(path))["text_features"]
 
 
 def test_rerunning_a_finished_run_is_refused_and_changes_nothing(first_run):
@@ -135,6 +146,11 @@ def test_resume_from_a_complete_checkpoint_starts_a_new_run_there(first_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert f"starting from checkpoint {checkpoint} at epoch 2, step 0" in out
+    # stage 2 goes on against the text features it was trained with, taken from the checkpoint
+    assert f"stage 1 already done: text features from checkpoint {checkpoint}" in out
+    assert "stage 1 epoch" not in out
+    first = _text_features(root / "run" / "clipreid" / "text_features.safetensors")
+    assert torch.equal(_text_features(root / "from_ckpt" / "clipreid" / "text_features.safetensors"), first)
     resumed = json.loads((root / "from_ckpt" / "train_summary.json").read_text())
     assert resumed["started_from"] == "resume_from"
     assert resumed["final"]["epoch"] == 2
@@ -159,6 +175,7 @@ def test_damaged_newest_checkpoint_falls_back_and_logs_into_the_same_mlflow_run(
     out = proc.stdout + proc.stderr
     assert f"the newest checkpoint is damaged ({checkpoints[-1]}" in out
     assert f"resuming from the newest complete one, {checkpoints[0]}" in out
+    assert "stage 1 already done" in out and "stage 1 epoch" not in out
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["run_id"] == first_id and summary["started_from"] == "fallback"
     assert summary["final"]["epoch"] == 2

@@ -244,3 +244,56 @@ def test_searches_during_enrolments_answer_from_the_generation_they_report(tmp_p
             assert row == acked[i][1]
         elif i in acked:
             assert row != acked[i][1]
+
+
+def _asgi(guard_settings: dict, path: str, chunks: list[bytes], headers: dict[bytes, bytes]):
+    """Drive ``serve.guard.Guard`` around an app that echoes the body it read; (status, body)."""
+    import asyncio
+
+    from reidscale.serve.guard import Guard
+
+    async def echo(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    incoming = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "root_path": "", "headers": list(headers.items())}
+    asyncio.run(Guard(echo, guard_settings)(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_guard_checks_the_token_and_the_body_size_before_the_app_reads_it():
+    settings = {"token": "s3cret", "max_request_bytes": 10}
+    auth = {b"authorization": b"Bearer s3cret"}
+    assert _asgi(settings, "/search", [b"{}"], {})[0] == 401
+    assert _asgi(settings, "/search", [b"{}"], {b"authorization": b"Bearer wrong"})[0] == 401
+    assert _asgi(settings, "/health", [b""], {}) == (200, b"")  # liveness needs no token
+    status, body = _asgi(settings, "/search", [b"x" * 11], {**auth, b"content-length": b"11"})
+    assert status == 413 and "11 bytes, over the 10 byte limit" in json.loads(body)["detail"]
+    # chunked: no content-length, refused once the chunks pass the limit
+    assert _asgi(settings, "/search", [b"x" * 6, b"y" * 6], auth)[0] == 413
+    # under the limit, the app reads the whole body, replayed intact
+    assert _asgi(settings, "/search", [b"abc", b"defg"], auth) == (200, b"abcdefg")
+    assert _asgi({"max_request_bytes": 10}, "/search", [b"abc"], {}) == (200, b"abc")  # no token configured
+
+
+def test_sie_cameras_are_required_and_in_range_for_an_sie_model():
+    schema.check_sie_cameras(None, 0, "cameras")  # no SIE: cameras are not needed
+    schema.check_sie_cameras([0, 2], 3, "cameras")
+    with pytest.raises(schema.InputError, match=r"cameras: the model uses camera SIE \(3 cameras\)"):
+        schema.check_sie_cameras(None, 3, "cameras")
+    with pytest.raises(schema.InputError, match=r"query_cameras\[1\]: camera 3 outside \[0, 3\)"):
+        schema.check_sie_cameras([0, 3], 3, "query_cameras")

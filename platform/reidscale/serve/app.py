@@ -10,7 +10,6 @@ for ``serve run`` / ``serve deploy`` config files; ``start``/``run_service`` are
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -28,13 +27,12 @@ from reidscale.serve import schema as s
 from reidscale.serve.config import ServeConfig, config_from_args
 from reidscale.serve.embedder import embedder_deployment, model_summary
 from reidscale.serve.gallery import gallery_deployment
+from reidscale.serve.guard import Guard
 from reidscale.serve.openset import OpenSetThreshold, resolve_threshold
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "reidscale"
-# reachable without the bearer token: liveness probes and the API description
-OPEN_PATHS = {"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
 def plan(cfg: ServeConfig) -> dict:
@@ -88,56 +86,8 @@ def ingress_deployment():
 
     api = FastAPI(title="reidscale", description="Object re-identification: search, enrol and delete "
                   "identities in a FAISS gallery. Scores: inner product (metric ip) or squared L2 (l2).")
-    settings: dict = {}  # filled by the replica's __init__; read by the guard below
-
-    class Guard:
-        """Bearer token and body size, checked before FastAPI reads or parses any body."""
-
-        def __init__(self, app):
-            self.app = app
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] != "http":
-                return await self.app(scope, receive, send)
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):] or "/"
-            token = settings.get("token", "")
-            if token and path not in OPEN_PATHS:
-                given = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-                    return await _json_error(401, "missing or wrong bearer token (Authorization: Bearer ...)")(
-                        scope, receive, send)
-            limit = settings.get("max_request_bytes", 32 << 20)
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                return await _json_error(413, f"request body of {int(length)} bytes, over the {limit} byte "
-                                              "limit (max_request_mb)")(scope, receive, send)
-            # a body without content-length (chunked) is read here up to the limit, then replayed
-            chunks, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                more = message.get("more_body", False)
-                if size > limit:
-                    return await _json_error(413, f"request body over the {limit} byte limit (max_request_mb)")(
-                        scope, receive, send)
-            body = b"".join(chunks)
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.app(scope, replay, send)
-
-    api.add_middleware(Guard)
+    settings: dict = {}  # filled by the replica's __init__; read by the guard
+    api.add_middleware(Guard, settings=settings)
 
     @api.exception_handler(s.InputError)
     async def input_error(request: Request, exc: s.InputError):
@@ -168,13 +118,7 @@ def ingress_deployment():
             if self.embedder is None:
                 raise s.InputError("images: this service has no embedding model (model_dir=none); send vectors")
             data = s.decode_images(images, self.plan["max_image_bytes"])
-            if self.sie:
-                if cameras is None:
-                    raise s.InputError(f"{field}: the model uses camera SIE ({self.sie} cameras); give each "
-                                       "image's camera id")
-                for i, c in enumerate(cameras):
-                    if not 0 <= c < self.sie:
-                        raise s.InputError(f"{field}[{i}]: camera {c} outside [0, {self.sie}) of the SIE model")
+            s.check_sie_cameras(cameras, self.sie, field)
             cams = cameras if self.sie else [None] * len(data)
             out = await asyncio.gather(*[self.embedder.embed.remote((d, c)) for d, c in zip(data, cams)])
             for i, v in enumerate(out):
@@ -211,15 +155,8 @@ def ingress_deployment():
             queries = await self._vectors(req.images, req.vectors, req.query_cameras, "query_cameras")
             r = await self.gallery.search.remote(queries, k, req.cameras, req.exclude_camera)
             is_new = self.threshold.is_new(r["score"][:, 0], r["identity"][:, 0])
-            results = []
-            for q in range(n):
-                hits = np.flatnonzero(r["identity"][q] >= 0)
-                matches = [{"identity": int(r["identity"][q, j]), "score": float(r["score"][q, j]),
-                            "row_id": int(r["row_id"][q, j]), "camera": int(r["camera"][q, j]),
-                            "path": str(r["path"][q, j])} for j in hits]
-                results.append({"matches": matches, "is_new": is_new[q]})
             return {"generation": r["generation"], "metric": self.plan["metric"],
-                    "score_threshold": self.threshold.value, "results": results}
+                    "score_threshold": self.threshold.value, "results": _search_results(r, is_new)}
 
         @api.post("/enrol", response_model=s.EnrolResponse)
         async def enrol(self, req: s.EnrolRequest) -> dict:
@@ -247,6 +184,18 @@ def ingress_deployment():
             return out
 
     return Ingress
+
+
+def _search_results(r: dict, is_new) -> list[dict]:
+    """One ``{"matches": [...], "is_new": bool}`` per query from the gallery's (queries × k) arrays."""
+    results = []
+    for q in range(len(r["identity"])):
+        hits = np.flatnonzero(r["identity"][q] >= 0)  # -1: fewer than k live rows matched
+        matches = [{"identity": int(r["identity"][q, j]), "score": float(r["score"][q, j]),
+                    "row_id": int(r["row_id"][q, j]), "camera": int(r["camera"][q, j]),
+                    "path": str(r["path"][q, j])} for j in hits]
+        results.append({"matches": matches, "is_new": is_new[q]})
+    return results
 
 
 def build_app(cfg: ServeConfig, plan_: dict | None = None):

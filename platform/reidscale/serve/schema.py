@@ -135,6 +135,17 @@ def check_cameras(cameras: list[int] | None, n: int, field: str) -> list[int] | 
     return cameras
 
 
+def check_sie_cameras(cameras: list[int] | None, sie_cameras: int, field: str) -> None:
+    """A model with camera SIE needs each image's camera, inside the range it was trained on."""
+    if not sie_cameras:
+        return
+    if cameras is None:
+        raise InputError(f"{field}: the model uses camera SIE ({sie_cameras} cameras); give each image's camera id")
+    for i, c in enumerate(cameras):
+        if not 0 <= c < sie_cameras:
+            raise InputError(f"{field}[{i}]: camera {c} outside [0, {sie_cameras}) of the SIE model")
+
+
 def check_k(k: int, max_k: int) -> int:
     if k < 1:
         raise InputError(f"k: {k}; must be >= 1")

@@ -61,6 +61,23 @@ def verify_complete(directory: str | Path) -> dict:
     return state
 
 
+def verified_file(directory: str | Path, name: str, rank: int = 0) -> Path | None:
+    """``directory/name`` if rank ``rank`` listed it and it matches its sha256; None if not listed.
+
+    For a file needed before the whole checkpoint is verified and loaded (CLIP-ReID's text
+    features, read before the stage-2 engine exists).
+    """
+    root = Path(directory)
+    listing_path = root / f"rank-{rank}.json"
+    meta = json.loads(listing_path.read_text())["files"].get(name) if listing_path.is_file() else None
+    if meta is None:
+        return None
+    path = root / name
+    if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+        raise CheckpointError(f"{root}: {name} (rank {rank}) is missing or does not match its sha256; refusing to load")
+    return path
+
+
 def use_safe_loading(engine) -> None:
     """Make DeepSpeed read checkpoint files with ``weights_only=True`` (no unpickling)."""
     import torch

@@ -7,7 +7,9 @@ features are computed on the fly from each worker's own stream, so nothing grows
 training set: the cost is one frozen forward pass per image per stage-1 epoch.
 
 The result, one text feature per identity, is written once to
-``<run_dir>/clipreid/text_features.safetensors``; a resumed run finds it and skips stage 1.
+``<run_dir>/clipreid/text_features.safetensors`` and into every checkpoint; a resumed run
+finds it (in its run dir, or in the checkpoint it starts from: ``train.resume_from`` into a
+new run dir) and skips stage 1.
 Stage 2 is the ordinary training loop with one more loss term (``i2t`` in ``loop.compute_loss``).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from reidscale import atomic
+from reidscale.train.checkpoint import verified_file
 from reidscale.train.engine import barrier, deepspeed_config, lockstep
 from reidscale.train.schedule import lr_factor
 
@@ -37,40 +41,97 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
     uses its projected class token, without side information (as CLIP-ReID's stage 1 does).
     ``ctx`` is the worker's context (``loop.Worker``: plan, rank, world, device, precision).
     """
-    import deepspeed
-
-    from reidscale.data.pipeline import PKStream, worker_epoch_dataset
-    from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
     from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
-    cfg, rank, world, device = ctx.cfg, ctx.rank, ctx.world, ctx.device
-    c = cfg.clipreid
+    cfg, c = ctx.cfg, ctx.cfg.clipreid
     num_classes = ctx.plan.num_classes
     out = Path(cfg.run_dir) / "clipreid" / TEXT_FEATURES
     if out.is_file():
         log.info(f"stage 1 already done: text features from {out}")
         return load_file(str(out))["text_features"]
+    from_checkpoint = _checkpoint_text_features(ctx)
+    if from_checkpoint is not None:
+        if ctx.rank == 0:
+            save_text_features(out.parent, from_checkpoint)
+        barrier()
+        return from_checkpoint
 
     stage1 = Stage1Model(PromptLearner(num_classes, clip.token_embedding, n_ctx=c.n_ctx, noun=c.noun), TextTower(clip))
-    visual = (visual if visual is not None else clip.visual).to(device).eval()
-    project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
+    visual = (visual if visual is not None else clip.visual).to(ctx.device)
+    with _frozen(visual):
+        project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
+        engine = _stage1_engine(stage1.to(ctx.device), ctx)
+        _train_prompts(engine, project, ctx)
+        engine.eval()
+        features = all_text_features(engine.module, num_classes, rank=ctx.rank, world=ctx.world)
+        if ctx.rank == 0:
+            save_text_features(out.parent, features)
+        barrier()
+    return features
+
+
+def save_text_features(directory: Path, features: torch.Tensor) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(directory / TEXT_FEATURES, save({"text_features": features.detach().float().cpu().contiguous()}))
+
+
+def _checkpoint_text_features(ctx) -> torch.Tensor | None:
+    """The text features stored in the checkpoint this run starts from (sha256 checked), if any."""
+    if getattr(ctx, "checkpoint", None) is None:
+        return None
+    with ctx.checkpoint.as_directory() as directory:
+        path = verified_file(directory, TEXT_FEATURES)
+        if path is None:
+            return None
+        log.info(f"stage 1 already done: text features from checkpoint {ctx.checkpoint.path}")
+        return load_file(str(path))["text_features"]
+
+
+@contextmanager
+def _frozen(visual):
+    """The image tower in eval mode without gradients for stage 1, trainable again afterwards."""
+    visual.eval()
     for p in visual.parameters():
         p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in visual.parameters():
+            p.requires_grad_(True)
+        visual.train()
+
+
+def _stage1_engine(stage1, ctx):
+    """A DeepSpeed engine over the prompt tokens only: Adam, warm-up then cosine over stage 1's steps."""
+    import deepspeed
+
+    cfg, c = ctx.cfg, ctx.cfg.clipreid
     optimizer = torch.optim.Adam([stage1.prompts.ctx], lr=c.stage1_lr, weight_decay=c.stage1_weight_decay)
     steps_per_epoch = max(1, ctx.plan.stage1_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps=steps_per_epoch * c.stage1_epochs, warmup_steps=int(c.stage1_warmup_epochs * steps_per_epoch),
         schedule="cosine"))
+    # stage 1's batches are P identities × 1 image; ZeRO-3 would shard a tensor this small for nothing
     ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1,
                                                          zero_stage=min(cfg.train.zero_stage, 2))), ctx.precision)
-    engine, _, _, _ = deepspeed.initialize(model=stage1.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=stage1, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg, dist_init_required=False)
+    return engine
+
+
+def _train_prompts(engine, project, ctx) -> None:
+    """Stage 1's epochs: each worker's own un-augmented stream, symmetric image↔text contrastive loss."""
+    from reidscale.data.pipeline import PKStream, worker_epoch_dataset
+    from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
+
+    cfg, c, rank, device = ctx.cfg, ctx.cfg.clipreid, ctx.rank, ctx.device
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",
                       transform=cfg.transform)
     step, t0 = 0, time.time()
     for epoch in range(c.stage1_epochs):
         dataset = worker_epoch_dataset(ctx.plan.row_groups, cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
-                                       rank=rank, world=world, train=False, cpus_per_task=cfg.train.data_cpus_per_task)
+                                       rank=rank, world=ctx.world, train=False,
+                                       cpus_per_task=cfg.train.data_cpus_per_task)
         real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
         for batch in lockstep(real, stream, device):
             labels = torch.from_numpy(batch["label"]).to(device)
@@ -83,17 +144,6 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
             engine.step()
             step += 1
             if rank == 0 and step % cfg.train.log_every == 0:
+                lr = engine.get_lr()[0]
                 log.info(f"stage 1 epoch {epoch + 1}/{c.stage1_epochs} step {step} loss {float(loss.detach()):.4f} "
-                         f"lr {optimizer.param_groups[0]['lr']:.2e} {(time.time() - t0) / step:.2f} s/step")
-    engine.eval()
-    features = all_text_features(engine.module, num_classes, rank=rank, world=world)
-    if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(out, save({"text_features": features.contiguous()}))
-    barrier()
-    for p in visual.parameters():
-        p.requires_grad_(True)
-    visual.train()
-    return features
-
-
+                         f"lr {lr:.2e} {(time.time() - t0) / step:.2f} s/step")

@@ -194,6 +194,7 @@ def save_checkpoint(w: Worker, state: TrainState, metrics: dict) -> None:
         if w.sharded is not None:
             # every rank writes its rows, rank 0 the index; Ray merges the ranks' directories
             save_sharded_fc(w.sharded.head, w.sharded.optimizer, Path(tmp) / SHARDED_FC_DIR)
+        w.recipe.save_to_checkpoint(Path(tmp), w.rank)
         write_rank_listing(tmp, w.rank)
         if w.rank == 0:
             write_state(tmp, state.to_json())

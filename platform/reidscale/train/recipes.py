@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
 
 from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
@@ -92,6 +94,9 @@ class BaselineRecipe:
     def before_training(self, ctx) -> None:
         """Runs once per worker after the untrained export, before the stage-2 engine exists."""
 
+    def save_to_checkpoint(self, directory: Path, rank: int) -> None:
+        """Write what the recipe needs to resume, beyond the engine's state, into a checkpoint."""
+
     def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
         terms, acc, _ = id_and_metric_terms(model, batch, self.cfg, self.head)
         return terms, acc
@@ -128,6 +133,14 @@ class ClipReIDRecipe(BaselineRecipe):
         # stage 1 runs the image encoder frozen, outside any engine
         self.text_features = run_stage1(self.clip, ctx, visual=self.tower).to(ctx.device)
         del self.clip.transformer  # the text tower is done; keep only what stage 2 trains
+
+    def save_to_checkpoint(self, directory: Path, rank: int) -> None:
+        from reidscale.train.clipreid import save_text_features
+
+        # stage 2 was trained against these: a run started from this checkpoint elsewhere
+        # (train.resume_from) must use them, not learn new prompts
+        if rank == 0 and self.text_features is not None:
+            save_text_features(Path(directory), self.text_features)
 
     def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
         terms, acc, feat = id_and_metric_terms(model, batch, self.cfg, self.head)
