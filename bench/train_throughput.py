@@ -26,7 +26,7 @@ from reidscale.models.reid import build_reid_model  # noqa: E402
 from reidscale.train.config import TrainJobConfig  # noqa: E402
 from reidscale.train.engine import deepspeed_config, make_optimizer  # noqa: E402
 from reidscale.train.recipes import compute_loss  # noqa: E402
-from reidscale.train.trainer import omp_env  # noqa: E402
+from reidscale.train.job import omp_env  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "train.yaml"
 NUM_CLASSES = 200

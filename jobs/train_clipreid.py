@@ -18,7 +18,7 @@ import sys
 
 from reidscale.cli import run_job
 from reidscale.train.config import TrainJobConfig
-from reidscale.train.trainer import run_training
+from reidscale.train.job import run_training
 
 if __name__ == "__main__":
     sys.exit(run_job(TrainJobConfig, run_training))

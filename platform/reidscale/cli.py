@@ -18,7 +18,7 @@ EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 def _expected() -> tuple[type[BaseException], ...]:
     from reidscale.data.shards import ShardError
     from reidscale.train.checkpoint import CheckpointError
-    from reidscale.train.trainer import TrainingError
+    from reidscale.train.job import TrainingError
 
     extra = [ShardError, CheckpointError, TrainingError]
     try:
