@@ -36,7 +36,7 @@ from reidscale.index.metric import faiss_metric, larger_is_closer
 from reidscale.index.vectors import check_vectors
 from reidscale.models import exported
 
-__all__ = ["Gallery", "GalleryError", "merge_topk"]
+__all__ = ["Gallery", "GalleryError", "merge_topk", "live_hits", "search_live", "top_identities"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,127 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_i
     pad = -np.inf if larger_is_better else np.inf
     out_scores[out_ids < 0] = pad
     return out_scores, out_ids
+
+
+def live_hits(scores: np.ndarray, ids: np.ndarray, removed: np.ndarray, larger_is_better: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's Q×k hits without its ``removed`` (sorted) row ids: (scores, ids, more).
+
+    Live hits keep their order and move up; the freed places pad with id -1. ``more``
+    (Q bools): the shard filled all k places, so a deeper search may find more live rows.
+    Every holder of shards applies the tombstones this way (``Gallery`` here, each shard
+    actor of ``index.distributed``), so both return the same hits.
+    """
+    more = ids[:, -1] >= 0 if ids.shape[1] else np.zeros(len(ids), bool)
+    if not len(removed):
+        return scores, ids, more
+    pos = np.clip(np.searchsorted(removed, ids), 0, len(removed) - 1)
+    live = (ids >= 0) & (removed[pos] != ids)
+    order = np.argsort(~live, axis=1, kind="stable")
+    live = np.take_along_axis(live, order, 1)
+    ids = np.where(live, np.take_along_axis(ids, order, 1), -1)
+    scores = np.where(live, np.take_along_axis(scores, order, 1), -np.inf if larger_is_better else np.inf)
+    return scores.astype(np.float32, copy=False), ids, more
+
+
+def search_live(search_shards, num_removed: int, queries: np.ndarray, k: int, larger_is_better: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k live hits over all shards: ``search_shards(queries, fetch)`` returns each shard's
+    ``live_hits`` (a list, in manifest shard order); rows that lost too many hits to the
+    ``num_removed`` tombstones are searched again, deeper. Exact for Flat; for approximate
+    indexes the index's own ranking of the live rows."""
+    pad = -np.inf if larger_is_better else np.inf
+    scores = np.full((len(queries), k), pad, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    todo, fetch = np.arange(len(queries)), k + min(num_removed, k)
+    while len(todo):
+        per_shard = search_shards(queries[todo], fetch)
+        s, i = merge_topk([p[0] for p in per_shard], [p[1] for p in per_shard], k, larger_is_better)
+        scores[todo], ids[todo] = s, i
+        more = np.any([p[2] for p in per_shard], axis=0)
+        short = ((i >= 0).sum(1) < k) & more & (fetch < k + num_removed)
+        todo, fetch = todo[short], min(2 * fetch, k + num_removed)
+    scores[ids < 0] = pad
+    return scores, ids
+
+
+def top_identities(gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``search_identities`` over anything with ``search``, ``identities``, ``ntotal``, ``dim``, ``metric``."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != gallery.dim:
+        raise ValueError(f"queries must be Q×{gallery.dim}, got {queries.shape}")
+    check_vectors(queries, "queries", gallery.metric)
+    larger = larger_is_closer(gallery.metric)
+    out_ident = np.full((len(queries), k), -1, np.int64)
+    out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
+    out_row = np.full((len(queries), k), -1, np.int64)
+    todo, fetch = np.arange(len(queries)), 4 * k
+    while len(todo):
+        ntotal = gallery.ntotal
+        scores, rows = gallery.search(queries[todo], min(fetch, max(ntotal, 1)))
+        idents = gallery.identities(rows)
+        again = []
+        for j, q in enumerate(todo):
+            valid = rows[j] >= 0
+            ident, score, row = idents[j][valid], scores[j][valid], rows[j][valid]
+            _, first = np.unique(ident, return_index=True)
+            first = np.sort(first)[:k]
+            if len(first) < k and valid.all() and fetch < ntotal:
+                again.append(q)
+            out_ident[q, : len(first)] = ident[first]
+            out_score[q, : len(first)] = score[first]
+            out_row[q, : len(first)] = row[first]
+        todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
+    return out_ident, out_score, out_row
+
+
+def load_shard(directory: Path, entry: dict, verify: bool = True):
+    """The FAISS index a manifest shard entry names, its sha256 checked (``verify``) before FAISS reads it."""
+    import faiss
+
+    path = store.verified(directory, entry, verify=verify)
+    index = faiss.read_index(str(path))
+    if index.ntotal != entry["ntotal"]:
+        raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
+    return index
+
+
+def load_tombstones(directory: Path, entries: list[dict], verify: bool = True) -> np.ndarray:
+    """The sorted row ids the manifest's ``removed`` entries name (each file's sha256 checked)."""
+    removed = [np.zeros(0, np.int64)]
+    for entry in entries:
+        path = store.verified(directory, entry, verify=verify)
+        removed.append(np.load(path, allow_pickle=False).astype(np.int64))
+    return np.sort(np.concatenate(removed))
+
+
+def apply_search_params(shards: list, params: dict) -> None:
+    """FAISS ``ParameterSpace`` settings (``{"nprobe": 16}``) on every index of ``shards``."""
+    import faiss
+
+    if params:
+        text = params_string(params)
+        for index in shards:
+            faiss.ParameterSpace().set_index_parameters(index, text)
+
+
+def read_metadata(directory: Path, manifest: dict, cache: dict | None = None, verify: bool = True) -> pa.Table:
+    """row_id, identity, camera, path of every row the manifest names (built and added), sorted by row_id."""
+    cache = {} if cache is None else cache
+
+    def table(entry):
+        key = (entry["file"], entry["sha256"])
+        if key not in cache:
+            path = store.verified(directory, entry, verify=verify)
+            t = pq.read_table(path, columns=["row_id", "identity", "camera", "path"])
+            if len(t) != entry["rows"]:
+                raise GalleryError(f"{path}: {len(t)} rows, manifest says {entry['rows']}")
+            cache[key] = t
+        return cache[key]
+
+    tables = [table(manifest["metadata"])] + [table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
+    meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    return meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -113,24 +234,14 @@ class Gallery:
         for entry in manifest["shards"]:
             key = (entry["file"], entry["sha256"])
             if key not in self._loaded:
-                path = store.verified(self.directory, entry, verify=self.verify)
-                index = faiss.read_index(str(path))
-                if index.ntotal != entry["ntotal"]:
-                    raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
-                self._loaded[key] = self._to_device(index)
+                self._loaded[key] = self._to_device(load_shard(self.directory, entry, self.verify))
             shards.append(self._loaded[key])
         # set on every shard each time, not only on first load: a new generation may carry
         # recalibrated settings for shards already loaded (they are shared across generations)
         self._apply_params(shards, {**manifest.get("search", {}), **self._search_override})
-        removed = [np.zeros(0, np.int64)]
-        for entry in manifest.get("removed", []):
-            path = store.verified(self.directory, entry, verify=self.verify)
-            removed.append(np.load(path, allow_pickle=False).astype(np.int64))
-        tables = [self._table(manifest["metadata"])]
-        tables += [self._table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
-        meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-        meta = meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
-        snap = _Snapshot(manifest, shards, np.sort(np.concatenate(removed)), meta)
+        removed = load_tombstones(self.directory, manifest.get("removed", []), self.verify)
+        meta = read_metadata(self.directory, manifest, self._tables, self.verify)
+        snap = _Snapshot(manifest, shards, removed, meta)
         workers = self._threads or min(len(shards), os.cpu_count() or 1)
         if workers > 1 and workers != self._pool_workers:
             # each worker thread gets its share of the cores for FAISS's own OpenMP loops
@@ -141,24 +252,7 @@ class Gallery:
             self._pool_workers = workers
         return snap
 
-    @staticmethod
-    def _apply_params(shards: list, params: dict) -> None:
-        import faiss
-
-        if params:
-            text = params_string(params)
-            for index in shards:
-                faiss.ParameterSpace().set_index_parameters(index, text)
-
-    def _table(self, entry: dict) -> pa.Table:
-        key = (entry["file"], entry["sha256"])
-        if key not in self._tables:
-            path = store.verified(self.directory, entry, verify=self.verify)
-            table = pq.read_table(path, columns=["row_id", "identity", "camera", "path"])
-            if len(table) != entry["rows"]:
-                raise GalleryError(f"{path}: {len(table)} rows, manifest says {entry['rows']}")
-            self._tables[key] = table
-        return self._tables[key]
+    _apply_params = staticmethod(apply_search_params)
 
     def _to_device(self, index):
         import faiss
@@ -219,64 +313,23 @@ class Gallery:
             raise ValueError(f"k must be >= 1, got {k}")
         check_vectors(queries, "queries", self.metric)
         larger = larger_is_closer(snap.manifest["metric"])
-        if not len(snap.removed):
-            return self._search_shards(snap, queries, k, larger)
-        # Tombstones: fetch extra hits and drop removed ones; rows that lost too many are
-        # searched again deeper. Exact for Flat; for approximate indexes the same as the
-        # index's own ranking of the live rows.
-        scores = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        todo, fetch = np.arange(len(queries)), k + min(len(snap.removed), k)
-        while len(todo):
-            s, i = self._search_shards(snap, queries[todo], fetch, larger)
-            dead = np.isin(i, snap.removed)
-            live = (i >= 0) & ~dead
-            order = np.argsort(~live, axis=1, kind="stable")[:, :k]
-            scores[todo] = np.take_along_axis(s, order, 1)
-            ids[todo] = np.where(np.take_along_axis(live, order, 1), np.take_along_axis(i, order, 1), -1)
-            short = (live.sum(1) < k) & (i[:, -1] >= 0) & (fetch < k + len(snap.removed))
-            todo, fetch = todo[short], min(2 * fetch, k + len(snap.removed))
-        scores[ids < 0] = -np.inf if larger else np.inf
-        return scores, ids
+        return search_live(lambda q, fetch: self._search_shards(snap, q, fetch, larger), len(snap.removed), queries,
+                           k, larger)
 
-    def _search_shards(self, snap: _Snapshot, queries: np.ndarray, k: int, larger: bool):
+    def _search_shards(self, snap: _Snapshot, queries: np.ndarray, k: int, larger: bool) -> list:
+        def one(index):
+            return live_hits(*index.search(queries, k), snap.removed, larger)
+
         if len(snap.shards) == 1 or self._pool is None:
-            results = [index.search(queries, k) for index in snap.shards]
-        else:
-            results = list(self._pool.map(lambda index: index.search(queries, k), snap.shards))
-        return merge_topk([r[0] for r in results], [r[1] for r in results], k, larger)
+            return [one(index) for index in snap.shards]
+        return list(self._pool.map(one, snap.shards))
 
     def search_identities(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k distinct identities per query: (identities, best score, best row id), each Q×k.
 
         An identity's score is that of its best image; pads with identity -1.
         """
-        snap = self._snap
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
-        check_vectors(queries, "queries", self.metric)
-        larger = larger_is_closer(snap.manifest["metric"])
-        out_ident = np.full((len(queries), k), -1, np.int64)
-        out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
-        out_row = np.full((len(queries), k), -1, np.int64)
-        todo, fetch = np.arange(len(queries)), 4 * k
-        while len(todo):
-            scores, rows = self.search(queries[todo], min(fetch, max(self.ntotal, 1)))
-            idents = self.identities(rows)
-            again = []
-            for j, q in enumerate(todo):
-                valid = rows[j] >= 0
-                ident, score, row = idents[j][valid], scores[j][valid], rows[j][valid]
-                _, first = np.unique(ident, return_index=True)
-                first = np.sort(first)[:k]
-                if len(first) < k and valid.all() and fetch < self.ntotal:
-                    again.append(q)
-                out_ident[q, : len(first)] = ident[first]
-                out_score[q, : len(first)] = score[first]
-                out_row[q, : len(first)] = row[first]
-            todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
-        return out_ident, out_score, out_row
+        return top_identities(self, queries, k)
 
     def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """(identity, camera) of every row a search can return now (removed rows left out), in row-id order."""
