@@ -152,8 +152,8 @@ class DistributedGallery:
             self._actors.append(server.options(**options).remote(
                 str(self.directory), [(p, manifest["shards"][p]) for p in positions], manifest.get("removed", []),
                 self._params(manifest), manifest["metric"], self._version, verify))
-        self.placement = self._gather("describe")[0]  # waits for every actor to have loaded its shards
-        for j, d in self.placement.items():
+        placement = self.describe_actors()  # waits for every actor to have loaded its shards
+        for j, d in enumerate(placement):
             log.info("%s: actor %d on node %s holds %s (%d vectors)", self.directory, j, d["node"][:12],
                      ", ".join(d["shards"]) or "nothing", d["vectors"])
 
@@ -187,6 +187,20 @@ class DistributedGallery:
         self._version += 1
         self._gather("update", per_actor=self._state)
         return True
+
+    @property
+    def actors(self) -> list:
+        """The shard actors' handles, in the order ``describe_actors`` lists them."""
+        return list(self._actors)
+
+    def describe_actors(self) -> list[dict]:
+        """Per actor: its pid, node id, state version, shard files and vectors (``ShardsUnavailable`` if one is gone)."""
+        out, failed = self._gather("describe")
+        if failed:
+            names = [self._snap.manifest["shards"][p]["file"] for j in sorted(failed) for p in self._assigned[j]]
+            raise ShardsUnavailable(f"{self.directory}: actor(s) {sorted(failed)} unavailable "
+                                    f"({'; '.join(failed.values())})", names)
+        return [out[j] for j in range(len(self._actors))]
 
     # ------------------------------------------------------------------ scatter / gather
     def _gather(self, method: str, *args, per_actor=None) -> tuple[dict, dict]:
