@@ -310,5 +310,17 @@ def test_shard_actors_on_both_nodes_answer_as_the_single_process_gallery_and_sur
         live = ~np.isin(ref_i, gone)
         for r in range(len(q)):  # the reference's live hits, in order, are the partial answer
             np.testing.assert_array_equal(partial.ids[r], ref_i[r][live[r]][:10])
+
+        # a restart reloads the shards checked against their sha256: a changed file is refused, by name
+        other = before["shards"]  # actor 1 (actor 0 is gone)
+        path = tmp / "tasks" / other[0]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        ray.kill(dist.actors[1], no_restart=False)
+        with pytest.raises(ShardsUnavailable) as info:
+            dist.search(q, 10)
+        message = str(info.value)
+        assert "\n" not in message and f"{other[0]}: sha256 does not match" in message, message
     finally:
         dist.close()

@@ -64,3 +64,49 @@ def test_a_bad_row_read_from_files_is_named_by_its_gallery_row(tmp_path):
     with pytest.raises(ValueError, match=r"g\.npy: row 700 \(1 row\) not finite"):
         build_index(rows, meta, tmp_path / "i", num_shards=3, factory="Flat", calibration=None,
                     source=str(tmp_path / "g.npy"), log=lambda *_: None)
+
+
+def test_shards_dealt_by_size_balance_the_vectors_each_holder_gets():
+    from reidscale.index.distributed import assign_by_size
+
+    assert assign_by_size([100, 100, 100, 100], 2) == [[0, 2], [1, 3]]
+    bins = assign_by_size([500, 100, 300, 200, 250], 2)
+    assert sorted(p for b in bins for p in b) == [0, 1, 2, 3, 4]
+    assert sorted(sum([500, 100, 300, 200, 250][p] for p in b) for b in bins) == [650, 700]
+    assert assign_by_size([5], 3) == [[0], [], []]
+
+
+def test_shard_servers_together_answer_as_the_gallery_with_its_tombstones(tmp_path):
+    """Without Ray: the actor's class, holding some shards each, merged as the client merges."""
+    from reidscale.index.distributed import ShardServer, assign_by_size
+    from reidscale.index.gallery import Gallery, search_live
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    meta = pa.table({"row_id": np.arange(2000, dtype=np.int64), "identity": np.arange(2000) // 4,
+                     "camera": np.zeros(2000, np.int32), "path": [""] * 2000})
+    build_index(x, meta, tmp_path, factory="Flat", num_shards=5, calibration=None, log=lambda *_: None)
+    gallery = Gallery(tmp_path)
+    q = x[:20] + 0.05
+    gone = np.unique(gallery.search(q, 3)[1])
+    assert gallery.remove(gone) == len(gone)
+    m = gallery.manifest
+    servers = [ShardServer(str(tmp_path), [(p, m["shards"][p]) for p in b], m["removed"], m.get("search", {}), "ip")
+               for b in assign_by_size([e["ntotal"] for e in m["shards"]], 2)]
+
+    def scatter(queries, fetch):
+        hits = [None] * len(m["shards"])
+        for server in servers:
+            for pos, s, i, more in server.search(queries, fetch, 0):
+                hits[pos] = (s, i, more)
+        return hits
+
+    scores, ids = search_live(scatter, len(gone), q, 10, True)
+    want = gallery.search(q, 10)
+    np.testing.assert_array_equal(ids, want[1])
+    np.testing.assert_array_equal(scores, want[0])
+    live = np.setdiff1d(np.arange(2000), gone)  # exact reference: numpy over the live rows
+    exact = live[np.argsort(-(q @ x[live].T), axis=1, kind="stable")[:, :10]]
+    np.testing.assert_array_equal(ids, exact)
+    assert servers[0].search(q, 10, version=1) is None  # a caller expecting another state is told so

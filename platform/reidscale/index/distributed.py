@@ -224,7 +224,7 @@ class DistributedGallery:
                     failed[j] = f"no answer within {self.wait_s:g}s"
                     break
                 except ray.exceptions.RayActorError as exc:
-                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    reason = _one_line(exc)
                     if left <= 0 or _actor_state(self._actors[j]) == "DEAD":
                         failed[j] = reason
                         break
@@ -306,23 +306,14 @@ class DistributedGallery:
         return top_identities(self, queries, k)
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.identity[pos], -1) if len(snap.identity) else np.full(np.shape(row_ids), -1)
+        """Identity per row id (-1: no hit or unknown), from the metadata this client holds."""
+        return self._snap.identities(row_ids)
 
     def cameras(self, row_ids: np.ndarray) -> np.ndarray:
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.camera[pos], -1) if len(snap.camera) else np.full(np.shape(row_ids), -1)
+        return self._snap.cameras(row_ids)
 
     def paths(self, row_ids: np.ndarray) -> np.ndarray:
-        import pyarrow as pa
-
-        snap = self._snap
-        row_ids = np.asarray(row_ids)
-        pos, found = snap.positions(row_ids.reshape(-1))
-        names = snap.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(snap.row_ids) else pos.astype(str)
-        return np.where(found, names, "").reshape(row_ids.shape)
+        return self._snap.paths(row_ids)
 
     def close(self) -> None:
         """End the actors (without restart)."""
@@ -331,6 +322,14 @@ class DistributedGallery:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
+
+
+def _one_line(exc: Exception) -> str:
+    """Why an actor call failed, in one line: the error its constructor raised (a shard that no longer
+    matches its sha256, say) when Ray's message carries one, else Ray's first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    raised = [line for line in lines if "Error: " in line and not line.startswith("ray.exceptions")]
+    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _actor_state(actor) -> str:

@@ -200,6 +200,20 @@ class _Snapshot:
         found = (row_ids >= 0) & (self.row_ids[pos] == row_ids) if len(self.row_ids) else np.zeros(row_ids.shape, bool)
         return pos, found
 
+    def identities(self, row_ids: np.ndarray) -> np.ndarray:
+        pos, found = self.positions(row_ids)
+        return np.where(found, self.identity[pos], -1) if len(self.identity) else np.full(np.shape(row_ids), -1)
+
+    def cameras(self, row_ids: np.ndarray) -> np.ndarray:
+        pos, found = self.positions(row_ids)
+        return np.where(found, self.camera[pos], -1) if len(self.camera) else np.full(np.shape(row_ids), -1)
+
+    def paths(self, row_ids: np.ndarray) -> np.ndarray:
+        row_ids = np.asarray(row_ids)
+        pos, found = self.positions(row_ids.reshape(-1))
+        names = self.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(self.row_ids) else pos.astype(str)
+        return np.where(found, names, "").reshape(row_ids.shape)
+
 
 class Gallery:
     """A sharded FAISS gallery on disk: ``search``, ``add``, ``remove``, ids → identities.
@@ -339,22 +353,14 @@ class Gallery:
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.identity[pos], -1) if len(snap.identity) else np.full(np.shape(row_ids), -1)
+        return self._snap.identities(row_ids)
 
     def cameras(self, row_ids: np.ndarray) -> np.ndarray:
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.camera[pos], -1) if len(snap.camera) else np.full(np.shape(row_ids), -1)
+        return self._snap.cameras(row_ids)
 
     def paths(self, row_ids: np.ndarray) -> np.ndarray:
         """Source path per row id ("" where unknown), same shape as ``row_ids``."""
-        snap = self._snap
-        row_ids = np.asarray(row_ids)
-        pos, found = snap.positions(row_ids.reshape(-1))
-        names = snap.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(snap.row_ids) else pos.astype(str)
-        return np.where(found, names, "").reshape(row_ids.shape)
+        return self._snap.paths(row_ids)
 
     # ------------------------------------------------------------------ writing
     def add(self, vectors: np.ndarray | None = None, identities: Sequence[int] | np.ndarray = (), cameras=None,
