@@ -5,7 +5,8 @@ checks the index reads a sample or a chunk at a time, so no process needs all ve
 memory. Two sources, each an N×D float32 *array-like* (``shape``, ``len``, ``[lo:hi]``,
 ``[sorted row positions]``) that the build treats like an ``np.ndarray``:
 
-* ``NpyRows``: an N×D float32 ``.npy`` (memory-mapped per read);
+* ``NpyRows``: an N×D float32 ``.npy``, read with plain file reads (not a memory map, whose
+  touched pages would count, and stay, in the reader's resident memory);
 * ``ParquetRows``: embedding shards (``embeddings-*.parquet``, as ``embed.embed_split``
   writes them, in file order), only the files overlapping the asked rows are opened.
 
@@ -43,19 +44,26 @@ def _positions(key, n: int) -> tuple[int, int] | np.ndarray:
 
 @dataclass(frozen=True)
 class NpyRows:
-    """Rows of an N×D float32 ``.npy`` file."""
+    """Rows of an N×D float32 (C order) ``.npy`` file; ``offset``: where the data starts."""
 
     path: str
     n: int
     dim: int
+    offset: int
     normalize: bool = False
 
     @classmethod
     def open(cls, path: str | Path, normalize: bool = False) -> "NpyRows":
-        array = np.load(path, mmap_mode="r")
-        if array.ndim != 2 or array.dtype != np.float32:
-            raise ValueError(f"{path}: expected an N×D float32 array, got {array.shape} {array.dtype}")
-        return cls(str(path), int(array.shape[0]), int(array.shape[1]), normalize)
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+        if len(shape) != 2 or dtype != np.float32 or fortran:
+            raise ValueError(f"{path}: expected an N×D float32 array in C order, got {shape} {dtype}"
+                             f"{' (Fortran order)' if fortran else ''}")
+        return cls(str(path), int(shape[0]), int(shape[1]), offset, normalize)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,9 +73,17 @@ class NpyRows:
         return self.n
 
     def __getitem__(self, key) -> np.ndarray:
-        array = np.load(self.path, mmap_mode="r")
         where = _positions(key, self.n)
-        x = np.array(array[where[0]:where[1]] if isinstance(where, tuple) else array[where], dtype=np.float32)
+        row = 4 * self.dim
+        with open(self.path, "rb") as fh:
+            if isinstance(where, tuple):
+                fh.seek(self.offset + where[0] * row)
+                x = np.fromfile(fh, np.float32, (where[1] - where[0]) * self.dim).reshape(-1, self.dim)
+            else:  # a sample: one read per row (a sorted sample reads the file forwards)
+                x = np.empty((len(where), self.dim), np.float32)
+                for j, p in enumerate(where):
+                    fh.seek(self.offset + int(p) * row)
+                    fh.readinto(memoryview(x[j]).cast("B"))
         return l2_normalise(x) if self.normalize else x
 
 
