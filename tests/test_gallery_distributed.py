@@ -10,6 +10,7 @@ same index built in this process without Ray, ``Gallery`` on it, and exact numpy
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -324,3 +325,30 @@ def test_shard_actors_on_both_nodes_answer_as_the_single_process_gallery_and_sur
         assert "\n" not in message and f"{other[0]}: sha256 does not match" in message, message
     finally:
         dist.close()
+
+
+def test_build_job_with_shard_tasks_reads_embedding_files_on_both_nodes_into_the_same_index(cluster):
+    import pyarrow.parquet as pq
+
+    from reidscale.embed import embedding_schema
+    from reidscale.index.job import IndexJobConfig, build_gallery_index
+
+    tmp = cluster["tmp"] / "job"
+    emb = tmp / "emb"
+    emb.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 16)).astype(np.float32) * 2  # not unit length: the job normalises
+    for f, lo in enumerate(range(0, 3000, 750)):
+        pq.write_table(pa.table({"row_id": np.arange(lo, lo + 750, dtype=np.int64), "identity": np.arange(lo, lo + 750) // 3,
+                                 "camera": np.zeros(750, np.int32), "path": [f"{i}.jpg" for i in range(lo, lo + 750)],
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[lo:lo + 750].reshape(-1)), 16)},
+                                schema=embedding_schema(16)), emb / f"embeddings-{f:05d}.parquet")
+    runs = {}
+    for tasks in (False, True):
+        cfg = IndexJobConfig(run_dir=str(tmp), embeddings=str(emb), out_dir=str(tmp / f"index-{tasks}"),
+                             factory="IVF16,Flat", num_shards=4, search_params="nprobe=4", shard_tasks=tasks)
+        build_gallery_index(cfg)
+        runs[tasks] = json.loads((tmp / f"index-{tasks}" / "manifest.json").read_text())
+    assert [e["sha256"] for e in runs[True]["shards"]] == [e["sha256"] for e in runs[False]["shards"]]
+    assert runs[True]["metadata"]["sha256"] == runs[False]["metadata"]["sha256"]
+    assert len(set(runs[True]["fill"]["nodes"].values())) == 2, runs[True]["fill"]
