@@ -256,6 +256,22 @@ def test_shard_actors_on_both_nodes_answer_as_the_single_process_gallery_and_sur
         assert not np.isin(got[1], gone).any() and np.isin(new_ids, got[1]).any()
         assert dist.ntotal == writer.ntotal
 
+        # and through the client itself: the removes reach every actor, the added shard the lightest one
+        more_gone = np.unique(after[1][:, 0])
+        assert dist.remove(more_gone) == len(more_gone)
+        added = dist.add(_unit(q[50:] + 0.01), np.full(len(q) - 50, 88_888), paths=[f"c{i}" for i in range(len(q) - 50)])
+        holders = [p["shards"] for p in dist.describe_actors()]
+        newest = dist.manifest["shards"][-1]["file"]
+        assert sum(newest in h for h in holders) == 1, holders
+        writer.refresh()
+        after = writer.search(q, 10)  # a Gallery opened on what the client published
+        got = dist.search(q, 10)
+        np.testing.assert_array_equal(got[1], after[1])
+        np.testing.assert_array_equal(got[0], after[0])
+        assert not np.isin(got[1], more_gone).any() and np.isin(added, got[1]).any()
+        np.testing.assert_array_equal(dist.identities(added), np.full(len(added), 88_888))
+        gone = np.concatenate([gone, more_gone])
+
         # an actor killed during queries is restarted by Ray and reloads its shards; queries wait for it
         victim = 1
         before = dist.describe_actors()[victim]

@@ -14,9 +14,10 @@ sha256 checked again. A query meanwhile waits up to ``wait_s`` for it; then it f
 ``ShardsUnavailable`` naming the shards, unless the caller asked for ``allow_partial=True``, which
 returns the hits of the shards that answered and their names of the ones that did not.
 
-Changes: ``refresh()`` loads the newest manifest generation another writer (``Gallery.add`` /
-``remove``, the service) published: new tombstones go to every actor, a new added shard to the
-actor holding the fewest vectors. The client keeps the metadata (identity, camera, path per row)
+Changes: ``add`` / ``remove`` write and publish a new generation as ``Gallery``'s do (same
+functions, same writer lock); ``refresh()`` loads the newest generation, whoever published it
+(this client, a ``Gallery``, the service): new tombstones go to every actor, a new added shard
+to the actor holding the fewest vectors. The client keeps the metadata (identity, camera, path per row)
 to answer ``identities`` / ``cameras`` / ``paths`` locally. The directory must be a path every
 node sees (a shared filesystem on a real cluster).
 """
@@ -31,8 +32,10 @@ from typing import NamedTuple
 import numpy as np
 
 from reidscale.index import manifest as store
-from reidscale.index.gallery import (_Snapshot, apply_search_params, live_hits, load_shard, load_tombstones,
-                                     read_metadata, search_live, top_identities)
+from reidscale import atomic
+from reidscale.index.gallery import (_Snapshot, apply_search_params, checked_additions, live_hits, load_shard,
+                                     load_tombstones, read_metadata, search_live, top_identities, with_added_shard,
+                                     with_tombstones)
 from reidscale.index.manifest import GalleryError
 from reidscale.index.metric import larger_is_closer
 from reidscale.index.vectors import check_vectors
@@ -201,6 +204,35 @@ class DistributedGallery:
             raise ShardsUnavailable(f"{self.directory}: actor(s) {sorted(failed)} unavailable "
                                     f"({'; '.join(failed.values())})", names)
         return [out[j] for j in range(len(self._actors))]
+
+    # ------------------------------------------------------------------ writing
+    def add(self, vectors: np.ndarray, identities, cameras=None, paths=None) -> np.ndarray:
+        """``Gallery.add`` of vectors (not images): a new shard, published as a new generation and loaded
+        by the actor holding the fewest vectors; returns the new row ids."""
+        rows = checked_additions(vectors, identities, cameras, paths, self.dim, self.metric)
+        if not len(rows.vectors):
+            return np.zeros(0, np.int64)
+        with store.writer_lock(self.directory):
+            self.refresh()
+            manifest, ids = with_added_shard(self.directory, self._snap.manifest, rows, self.verify)
+            self._publish(manifest)
+        return ids
+
+    def remove(self, row_ids) -> int:
+        """``Gallery.remove``: tombstones published as a new generation and sent to every actor; returns how
+        many rows were removed (unknown or already removed ids are ignored)."""
+        row_ids = np.unique(np.asarray(row_ids, dtype=np.int64).reshape(-1))
+        with store.writer_lock(self.directory):
+            self.refresh()
+            _, found = self._snap.positions(row_ids)
+            new = row_ids[found & ~np.isin(row_ids, self._snap.removed)]
+            if len(new):
+                self._publish(with_tombstones(self.directory, self._snap.manifest, new))
+        return int(len(new))
+
+    def _publish(self, manifest: dict) -> None:
+        atomic.write_json(self.directory / store.MANIFEST, {**manifest, "format": store.INDEX_FORMAT})
+        self.refresh()
 
     # ------------------------------------------------------------------ scatter / gather
     def _gather(self, method: str, *args, per_actor=None) -> tuple[dict, dict]:

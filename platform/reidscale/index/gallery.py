@@ -21,7 +21,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -174,6 +174,81 @@ def read_metadata(directory: Path, manifest: dict, cache: dict | None = None, ve
     tables = [table(manifest["metadata"])] + [table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
     meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     return meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
+
+
+class Additions(NamedTuple):
+    """Rows to add, checked: vectors N×D float32, identities int64, cameras int32, paths str (N each)."""
+
+    vectors: np.ndarray
+    identities: np.ndarray
+    cameras: np.ndarray
+    paths: list[str]
+
+
+def checked_additions(vectors, identities, cameras, paths, dim: int, metric: str) -> Additions:
+    """``Gallery.add``'s arguments as ``Additions``, or a ValueError saying which one is wrong."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"vectors must be N×{dim}, got {vectors.shape}")
+    check_vectors(vectors, "added vectors", metric)
+    identities = np.asarray(identities, dtype=np.int64).reshape(-1)
+    if len(identities) != n:
+        raise ValueError(f"{n} vectors but {len(identities)} identities")
+    cameras = np.full(n, -1, np.int32) if cameras is None else np.asarray(cameras, dtype=np.int32).reshape(-1)
+    paths = [""] * n if paths is None else [str(p) for p in paths]
+    if len(cameras) != n or len(paths) != n:
+        raise ValueError(f"{n} vectors but {len(cameras)} cameras and {len(paths)} paths")
+    return Additions(vectors, identities, cameras, paths)
+
+
+def trained_index(directory: Path, manifest: dict, verify: bool = True):
+    """The trained, empty index every shard is a copy of (``trained.faiss``, sha256 checked)."""
+    import faiss
+
+    entry = manifest.get("trained")
+    if entry:
+        return faiss.read_index(str(store.verified(directory, entry, verify=verify)))
+    empty = faiss.index_factory(int(manifest["dim"]), manifest["factory"], faiss_metric(manifest["metric"]))
+    if not empty.is_trained:
+        raise GalleryError(f"{directory}: no trained.faiss (built before add existed); rebuild to add")
+    return empty
+
+
+def with_added_shard(directory: Path, manifest: dict, rows: Additions, verify: bool = True) -> tuple[dict, np.ndarray]:
+    """(the next generation's manifest, the new row ids): ``rows`` written as ``added-<gen>.faiss`` (a copy of
+    the trained index) and ``added-<gen>.parquet``. Nothing is published; the caller holds the writer lock."""
+    n = len(rows.vectors)
+    gen = int(manifest.get("generation", 0)) + 1
+    # format v1 (built before add/remove existed) has no next_row_id
+    first = manifest.get("next_row_id", max(e["id_max"] for e in manifest["shards"] if e["id_max"] is not None) + 1)
+    ids = np.arange(first, first + n, dtype=np.int64)
+    index = fill_shard(trained_index(directory, manifest, verify), rows.vectors, ids)
+    name = f"added-{gen:06d}"
+    meta = pa.table({"row_id": ids, "identity": rows.identities, "camera": rows.cameras, "path": rows.paths})
+    entry = {
+        "file": f"{name}.faiss",
+        "ntotal": int(index.ntotal),
+        "id_min": int(ids[0]),
+        "id_max": int(ids[-1]),
+        "generation": gen,
+        "sha256": store.write_index(index, directory / f"{name}.faiss"),
+        "metadata": {"file": f"{name}.parquet", "rows": n,
+                     "sha256": store.write_table(meta, directory / f"{name}.parquet")},
+    }
+    return {**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
+            "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1}, ids
+
+
+def with_tombstones(directory: Path, manifest: dict, row_ids: np.ndarray) -> dict:
+    """The next generation's manifest with ``row_ids`` (live, known) removed: ``removed-<gen>.npy``
+    written. Nothing is published; the caller holds the writer lock."""
+    gen = int(manifest.get("generation", 0)) + 1
+    name = f"removed-{gen:06d}.npy"
+    sha = atomic.write_file(directory / name, lambda tmp: _save_npy(tmp, row_ids), checksum=True)
+    entry = {"file": name, "sha256": sha, "count": int(len(row_ids)), "generation": gen}
+    return {**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
+            "ntotal": int(manifest["ntotal"]) - len(row_ids)}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -385,39 +460,11 @@ class Gallery:
                 raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
             if paths is None:
                 paths = [p if isinstance(p, str) else "" for p in images]
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n = len(vectors)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors must be N×{self.dim}, got {vectors.shape}")
-        check_vectors(vectors, "added vectors", self.metric)
-        identities = np.asarray(identities, dtype=np.int64).reshape(-1)
-        if len(identities) != n:
-            raise ValueError(f"{n} vectors but {len(identities)} identities")
-        cameras = np.full(n, -1, np.int32) if cameras is None else np.asarray(cameras, dtype=np.int32).reshape(-1)
-        paths = [""] * n if paths is None else [str(p) for p in paths]
-        if len(cameras) != n or len(paths) != n:
-            raise ValueError(f"{n} vectors but {len(cameras)} cameras and {len(paths)} paths")
-        if n == 0:
+        rows = checked_additions(vectors, identities, cameras, paths, self.dim, self.metric)
+        if not len(rows.vectors):
             return np.zeros(0, np.int64)
         with self._write_lock, store.writer_lock(self.directory):
-            manifest = self._latest()
-            gen = int(manifest.get("generation", 0)) + 1
-            ids = np.arange(manifest["next_row_id"], manifest["next_row_id"] + n, dtype=np.int64)
-            index = fill_shard(self._trained(manifest), vectors, ids)
-            name = f"added-{gen:06d}"
-            meta = pa.table({"row_id": ids, "identity": identities, "camera": cameras, "path": paths})
-            entry = {
-                "file": f"{name}.faiss",
-                "ntotal": int(index.ntotal),
-                "id_min": int(ids[0]),
-                "id_max": int(ids[-1]),
-                "generation": gen,
-                "sha256": store.write_index(index, self.directory / f"{name}.faiss"),
-                "metadata": {"file": f"{name}.parquet", "rows": n,
-                             "sha256": store.write_table(meta, self.directory / f"{name}.parquet")},
-            }
-            manifest = {**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
-                        "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1}
+            manifest, ids = with_added_shard(self.directory, self._latest(), rows, self.verify)
             self._publish(manifest)
             cal = manifest.get("calibration")
             if cal and manifest["next_row_id"] - cal["next_row_id"] > cal["recalibrate_fraction"] * cal["ntotal"]:
@@ -526,12 +573,7 @@ class Gallery:
             new = row_ids[found & ~np.isin(row_ids, self._snap.removed)]
             if not len(new):
                 return 0
-            gen = int(manifest.get("generation", 0)) + 1
-            name = f"removed-{gen:06d}.npy"
-            sha = atomic.write_file(self.directory / name, lambda tmp: _save_npy(tmp, new), checksum=True)
-            entry = {"file": name, "sha256": sha, "count": int(len(new)), "generation": gen}
-            self._publish({**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
-                           "ntotal": int(manifest["ntotal"]) - len(new)})
+            self._publish(with_tombstones(self.directory, manifest, new))
         return int(len(new))
 
     def _latest(self) -> dict:
@@ -548,18 +590,6 @@ class Gallery:
         snap = self._open(manifest)  # load (and check) before publishing: never publish what we cannot read
         atomic.write_json(self.directory / store.MANIFEST, manifest)
         self._snap = snap
-
-    def _trained(self, manifest: dict):
-        import faiss
-
-        entry = manifest.get("trained")
-        if entry:
-            return faiss.read_index(str(store.verified(self.directory, entry, verify=self.verify)))
-        empty = faiss.index_factory(self.dim, manifest["factory"],
-                                    faiss_metric(self.metric))
-        if not empty.is_trained:
-            raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
-        return empty
 
     def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
         """The embedding model of this index (see ``resolve_model_dir``)."""
