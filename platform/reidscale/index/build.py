@@ -214,7 +214,9 @@ def _run_each(fn, calls: list[tuple], ray_tasks: bool):
 
     def ref(a):
         if isinstance(a, np.ndarray) and a.nbytes > 1 << 20:
-            return shared.setdefault(id(a), ray.put(a))
+            if id(a) not in shared:
+                shared[id(a)] = ray.put(a)
+            return shared[id(a)]
         return a
 
     task = ray.remote(_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")

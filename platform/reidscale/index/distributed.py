@@ -270,7 +270,7 @@ class DistributedGallery:
         empty = (np.full((len(queries), 0), -np.inf if larger else np.inf, np.float32),
                  np.zeros((len(queries), 0), np.int64), np.zeros(len(queries), bool))
         per_shard = [empty] * len(self._snap.manifest["shards"])
-        for attempt in range(2):
+        for _ in range(2):
             out, failed = self._gather("search", queries, k, self._version)
             stale = [j for j, r in out.items() if r is None]
             if not stale:
