@@ -371,3 +371,31 @@ def test_build_job_with_shard_tasks_reads_embedding_files_on_both_nodes_into_the
     assert [e["sha256"] for e in runs[True]["shards"]] == [e["sha256"] for e in runs[False]["shards"]]
     assert runs[True]["metadata"]["sha256"] == runs[False]["metadata"]["sha256"]
     assert len(set(runs[True]["fill"]["nodes"].values())) == 2, runs[True]["fill"]
+
+
+def test_an_interrupted_task_build_keeps_its_finished_shards_and_fills_the_rest_on_the_cluster(cluster):
+    from reidscale.index.build import build_index
+    from reidscale.index.job import open_precomputed_rows
+
+    tmp = cluster["tmp"] / "resume"
+    tmp.mkdir()
+    x = _unit(np.random.default_rng(7).standard_normal((4000, 16)))
+    np.save(tmp / "g.npy", x)
+    rows, meta, _ = open_precomputed_rows(tmp / "g.npy")
+    quiet = dict(factory="IVF16,Flat", num_shards=4, calibration=None, search_params={"nprobe": 16},
+                 shard_tasks=True, log=lambda *_: None)
+    full = build_index(rows, meta, tmp / "index", **quiet)
+    # what a build killed after its first two shards leaves: no manifest, a partial one naming them
+    index = tmp / "index"
+    (index / "manifest.json").unlink()
+    for e in full["shards"][2:]:
+        (index / e["file"]).unlink()
+    partial = {"build_key": full["build_key"], "trained": full["trained"],
+               "shards": {e["file"]: e for e in full["shards"][:2]}}
+    (index / "manifest.partial.json").write_text(json.dumps(partial))
+    kept = {e["file"]: (index / e["file"]).stat().st_mtime_ns for e in full["shards"][:2]}
+    again = build_index(rows, meta, index, **quiet)
+    assert {f: (index / f).stat().st_mtime_ns for f in kept} == kept  # not rebuilt
+    assert sorted(again["fill"]["nodes"]) == [e["file"] for e in full["shards"][2:]]  # only the rest filled
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
+    assert not (index / "manifest.partial.json").exists()

@@ -330,6 +330,10 @@ def build_index(
         **({"fill": {"executor": "ray", "nodes": nodes}} if shard_tasks else {}),
     }
     if calibration is not None and not search_params:
+        if shard_tasks:
+            _log.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
+                         "actors); give search_params or calibration=None for a gallery larger than its memory",
+                         out_dir)
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
     atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
