@@ -399,3 +399,20 @@ def test_an_interrupted_task_build_keeps_its_finished_shards_and_fills_the_rest_
     assert sorted(again["fill"]["nodes"]) == [e["file"] for e in full["shards"][2:]]  # only the rest filled
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
     assert not (index / "manifest.partial.json").exists()
+
+
+def test_a_bad_row_found_by_a_task_fails_the_build_with_the_tasks_one_line_error(cluster):
+    from reidscale.index.build import build_index
+    from reidscale.index.job import open_precomputed_rows
+
+    tmp = cluster["tmp"] / "bad"
+    tmp.mkdir()
+    x = _unit(np.random.default_rng(8).standard_normal((2000, 8)))
+    x[1500, 2] = np.inf
+    np.save(tmp / "g.npy", x)
+    rows, meta, _ = open_precomputed_rows(tmp / "g.npy", normalize=False)
+    with pytest.raises(ValueError, match=r"^\S*g\.npy: row 1500 \(1 row\) not finite") as info:
+        build_index(rows, meta, tmp / "index", factory="Flat", num_shards=4, calibration=None, shard_tasks=True,
+                    source=str(tmp / "g.npy"), log=lambda *_: None)
+    assert "\n" not in str(info.value)
+    assert not (tmp / "index" / "manifest.json").exists()

@@ -221,11 +221,20 @@ def _run_each(fn, calls: list[tuple], ray_tasks: bool):
 
     task = ray.remote(_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")
     pending = {task.remote(fn, *map(ref, args)): i for i, args in enumerate(calls)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for r in done:
-            node, result = ray.get(r)
-            yield pending.pop(r), node, result
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for r in done:
+                i = pending.pop(r)
+                try:
+                    node, result = ray.get(r)
+                except ray.exceptions.RayTaskError as exc:
+                    # the task's own error (a bad row, a missing file), not Ray's multi-line wrapper
+                    raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+                yield i, node, result
+    finally:
+        for r in pending:  # a failed or abandoned build leaves nothing running
+            ray.cancel(r)
 
 
 def _table_hash(table: pa.Table) -> str:
