@@ -126,10 +126,11 @@ def assign_by_size(sizes: list[int], bins: int) -> list[list[int]]:
 class DistributedGallery:
     """``Gallery``'s reading side over shard actors spread across a Ray cluster's nodes.
 
-    ``num_actors`` (0: one per alive node) actors, each reserving ``actor_cpus`` CPUs, placed
-    round-robin over the alive nodes (soft node affinity: a restart prefers the same node).
+    ``num_actors`` (0: one per alive node) actors, each reserving ``actor_cpus`` CPUs (Ray sets
+    the actor's OMP_NUM_THREADS, FAISS's threads, from it), placed round-robin over the alive
+    nodes (soft node affinity: a restart prefers the same node).
     ``wait_s``: how long a query waits for a dead actor's restart before giving up.
-    Ray must be initialised (``reidscale.ray_runtime.init_ray``).
+    ``close()`` ends the actors.
     """
 
     def __init__(self, directory: str | Path, *, num_actors: int = 0, actor_cpus: float = 1.0, max_restarts: int = 3,
@@ -137,6 +138,9 @@ class DistributedGallery:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from reidscale.ray_runtime import init_ray
+
+        init_ray()  # joins RAY_ADDRESS (or starts a private Ray); nothing if Ray is up already
         self.directory = Path(directory).resolve()
         self.verify, self.wait_s = verify, wait_s
         self._override = dict(search_params or {})
