@@ -90,6 +90,17 @@ main()
 """
 
 
+def _reload_ray_auth() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE / the token again. Ray's core caches both the first
+    time any Ray starts in a process, so a test before this one (a private Ray without a token) would
+    leave this driver unable to join the token-protected cluster. What Ray itself calls when it turns
+    token auth on (ray/_private/authentication/authentication_token_setup.py)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _ray_start(args: list[str], env: dict) -> None:
     command = [RAY, "start"] if "--head" in args else [sys.executable, "-c", JOIN_ON_LOOPBACK]
     proc = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
@@ -122,6 +133,7 @@ def cluster():
         _ray_start([f"--address={address}", f"--dashboard-agent-listen-port={agent_b}",
                     '--resources={"gallery_node_b": 1}', *common], env)
         os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        _reload_ray_auth()
         import ray
 
         from reidscale.ray_runtime import init_ray
@@ -143,6 +155,7 @@ def cluster():
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            _reload_ray_auth()  # later tests' Rays in this process see their own setting again
             if started:
                 # by tag only: stop.sh's session-dir sign would also match this process (the driver's
                 # logs are there), so what is left holding files in our temp dir is ended here, by pid
@@ -207,7 +220,8 @@ def test_shards_filled_by_tasks_on_both_nodes_are_the_bytes_of_the_single_proces
 def _reference_hits(directory, positions, queries, k, params):
     """Per-shard search in this process over the shards at ``positions``, merged (the partial answer)."""
     from reidscale.index import manifest as store
-    from reidscale.index.gallery import apply_search_params, load_shard, merge_topk
+    from reidscale.index.generation import apply_search_params, load_shard
+    from reidscale.index.hits import merge_topk
 
     manifest = store.read_manifest(directory)
     shards = [load_shard(Path(directory), manifest["shards"][p]) for p in positions]

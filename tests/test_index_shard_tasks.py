@@ -79,7 +79,8 @@ def test_shards_dealt_by_size_balance_the_vectors_each_holder_gets():
 def test_shard_servers_together_answer_as_the_gallery_with_its_tombstones(tmp_path):
     """Without Ray: the actor's class, holding some shards each, merged as the client merges."""
     from reidscale.index.distributed import ShardServer, assign_by_size
-    from reidscale.index.gallery import Gallery, search_live
+    from reidscale.index.gallery import Gallery
+    from reidscale.index.hits import search_live
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2000, 16)).astype(np.float32)

@@ -2,10 +2,10 @@
 
 ``ShardServer`` (a plain class, usable without Ray) loads the shards it is given, each file's
 sha256 checked against the manifest, and answers a query batch with each shard's hits, the
-gallery's tombstones already applied (``gallery.live_hits``). ``DistributedGallery`` starts one
+gallery's tombstones already applied (``hits.live_hits``). ``DistributedGallery`` starts one
 ``ShardServer`` actor per node (or ``num_actors``), deals the shards out by size (largest first,
 to the actor holding the fewest vectors), sends every query batch to every actor and merges the
-per-shard hits in manifest order with ``merge_topk`` (``gallery.search_live``): the same ids and
+per-shard hits in manifest order with ``merge_topk`` (``hits.search_live``): the same ids and
 scores as ``Gallery.search`` / ``search_identities`` on the same directory, because the same
 functions run on the same shards.
 
@@ -33,9 +33,9 @@ import numpy as np
 
 from reidscale.index import manifest as store
 from reidscale import atomic
-from reidscale.index.gallery import (_Snapshot, apply_search_params, checked_additions, live_hits, load_shard,
-                                     load_tombstones, read_metadata, search_live, top_identities, with_added_shard,
-                                     with_tombstones)
+from reidscale.index.generation import (Snapshot, apply_search_params, checked_additions, load_shard,
+                                        load_tombstones, read_metadata, with_added_shard, with_tombstones)
+from reidscale.index.hits import live_hits, search_live, top_identities
 from reidscale.index.manifest import GalleryError
 from reidscale.index.metric import larger_is_closer
 from reidscale.index.vectors import check_vectors
@@ -105,7 +105,7 @@ class ShardServer:
                 "shards": [name for _, name, _ in self.shards], "vectors": sum(i.ntotal for _, _, i in self.shards)}
 
     def search(self, queries: np.ndarray, k: int, version: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None:
-        """``[(manifest position, scores, ids, more)]`` per shard held (``gallery.live_hits``), or
+        """``[(manifest position, scores, ids, more)]`` per shard held (``hits.live_hits``), or
         None when this server's state is not ``version``."""
         if version != self.version:
             return None
@@ -168,9 +168,9 @@ class DistributedGallery:
     def _params(self, manifest: dict) -> dict:
         return {**manifest.get("search", {}), **self._override}
 
-    def _snapshot(self, manifest: dict) -> _Snapshot:
+    def _snapshot(self, manifest: dict) -> Snapshot:
         removed = load_tombstones(self.directory, manifest.get("removed", []), self.verify)
-        return _Snapshot(manifest, [], removed, read_metadata(self.directory, manifest, self._tables, self.verify))
+        return Snapshot(manifest, [], removed, read_metadata(self.directory, manifest, self._tables, self.verify))
 
     def _state(self, j: int) -> tuple:
         m = self._snap.manifest

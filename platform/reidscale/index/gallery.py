@@ -21,273 +21,25 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from reidscale import atomic
 from reidscale.index import manifest as store
-from reidscale.index.build import fill_shard, params_string
+from reidscale.index.generation import (Snapshot, apply_search_params, checked_additions, load_shard, load_tombstones,
+                                        read_metadata, with_added_shard, with_tombstones)
+from reidscale.index.hits import live_hits, merge_topk, search_live, top_identities
 from reidscale.index.manifest import GalleryError
-from reidscale.index.metric import faiss_metric, larger_is_closer
+from reidscale.index.metric import larger_is_closer
 from reidscale.index.vectors import check_vectors
 from reidscale.models import exported
 
-__all__ = ["Gallery", "GalleryError", "merge_topk", "live_hits", "search_live", "top_identities"]
+# merge_topk and the other hit functions live in index.hits; merge_topk stays importable from here
+__all__ = ["Gallery", "GalleryError", "merge_topk"]
 
 log = logging.getLogger(__name__)
-
-
-def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (Q×k_s) results into global top-k; FAISS pads missing hits with id -1."""
-    all_scores = np.concatenate(scores, axis=1)
-    all_ids = np.concatenate(ids, axis=1)
-    key = -all_scores if larger_is_better else all_scores.copy()
-    key = np.where(all_ids < 0, np.inf, key)
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    out_scores = np.take_along_axis(all_scores, order, 1)
-    out_ids = np.take_along_axis(all_ids, order, 1)
-    pad = -np.inf if larger_is_better else np.inf
-    out_scores[out_ids < 0] = pad
-    return out_scores, out_ids
-
-
-def live_hits(scores: np.ndarray, ids: np.ndarray, removed: np.ndarray, larger_is_better: bool
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One shard's Q×k hits without its ``removed`` (sorted) row ids: (scores, ids, more).
-
-    Live hits keep their order and move up; the freed places pad with id -1. ``more``
-    (Q bools): the shard filled all k places, so a deeper search may find more live rows.
-    Every holder of shards applies the tombstones this way (``Gallery`` here, each shard
-    actor of ``index.distributed``), so both return the same hits.
-    """
-    more = ids[:, -1] >= 0 if ids.shape[1] else np.zeros(len(ids), bool)
-    if not len(removed):
-        return scores, ids, more
-    pos = np.clip(np.searchsorted(removed, ids), 0, len(removed) - 1)
-    live = (ids >= 0) & (removed[pos] != ids)
-    order = np.argsort(~live, axis=1, kind="stable")
-    live = np.take_along_axis(live, order, 1)
-    ids = np.where(live, np.take_along_axis(ids, order, 1), -1)
-    scores = np.where(live, np.take_along_axis(scores, order, 1), -np.inf if larger_is_better else np.inf)
-    return scores.astype(np.float32, copy=False), ids, more
-
-
-def search_live(search_shards, num_removed: int, queries: np.ndarray, k: int, larger_is_better: bool
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k live hits over all shards: ``search_shards(queries, fetch)`` returns each shard's
-    ``live_hits`` (a list, in manifest shard order); rows that lost too many hits to the
-    ``num_removed`` tombstones are searched again, deeper. Exact for Flat; for approximate
-    indexes the index's own ranking of the live rows."""
-    pad = -np.inf if larger_is_better else np.inf
-    scores = np.full((len(queries), k), pad, np.float32)
-    ids = np.full((len(queries), k), -1, np.int64)
-    todo, fetch = np.arange(len(queries)), k + min(num_removed, k)
-    while len(todo):
-        per_shard = search_shards(queries[todo], fetch)
-        s, i = merge_topk([p[0] for p in per_shard], [p[1] for p in per_shard], k, larger_is_better)
-        scores[todo], ids[todo] = s, i
-        more = np.any([p[2] for p in per_shard], axis=0)
-        short = ((i >= 0).sum(1) < k) & more & (fetch < k + num_removed)
-        todo, fetch = todo[short], min(2 * fetch, k + num_removed)
-    scores[ids < 0] = pad
-    return scores, ids
-
-
-def top_identities(gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``search_identities`` over anything with ``search``, ``identities``, ``ntotal``, ``dim``, ``metric``."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != gallery.dim:
-        raise ValueError(f"queries must be Q×{gallery.dim}, got {queries.shape}")
-    check_vectors(queries, "queries", gallery.metric)
-    larger = larger_is_closer(gallery.metric)
-    out_ident = np.full((len(queries), k), -1, np.int64)
-    out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
-    out_row = np.full((len(queries), k), -1, np.int64)
-    todo, fetch = np.arange(len(queries)), 4 * k
-    while len(todo):
-        ntotal = gallery.ntotal
-        scores, rows = gallery.search(queries[todo], min(fetch, max(ntotal, 1)))
-        idents = gallery.identities(rows)
-        again = []
-        for j, q in enumerate(todo):
-            valid = rows[j] >= 0
-            ident, score, row = idents[j][valid], scores[j][valid], rows[j][valid]
-            _, first = np.unique(ident, return_index=True)
-            first = np.sort(first)[:k]
-            if len(first) < k and valid.all() and fetch < ntotal:
-                again.append(q)
-            out_ident[q, : len(first)] = ident[first]
-            out_score[q, : len(first)] = score[first]
-            out_row[q, : len(first)] = row[first]
-        todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
-    return out_ident, out_score, out_row
-
-
-def load_shard(directory: Path, entry: dict, verify: bool = True):
-    """The FAISS index a manifest shard entry names, its sha256 checked (``verify``) before FAISS reads it."""
-    import faiss
-
-    path = store.verified(directory, entry, verify=verify)
-    index = faiss.read_index(str(path))
-    if index.ntotal != entry["ntotal"]:
-        raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
-    return index
-
-
-def load_tombstones(directory: Path, entries: list[dict], verify: bool = True) -> np.ndarray:
-    """The sorted row ids the manifest's ``removed`` entries name (each file's sha256 checked)."""
-    removed = [np.zeros(0, np.int64)]
-    for entry in entries:
-        path = store.verified(directory, entry, verify=verify)
-        removed.append(np.load(path, allow_pickle=False).astype(np.int64))
-    return np.sort(np.concatenate(removed))
-
-
-def apply_search_params(shards: list, params: dict) -> None:
-    """FAISS ``ParameterSpace`` settings (``{"nprobe": 16}``) on every index of ``shards``."""
-    import faiss
-
-    if params:
-        text = params_string(params)
-        for index in shards:
-            faiss.ParameterSpace().set_index_parameters(index, text)
-
-
-def read_metadata(directory: Path, manifest: dict, cache: dict | None = None, verify: bool = True) -> pa.Table:
-    """row_id, identity, camera, path of every row the manifest names (built and added), sorted by row_id."""
-    cache = {} if cache is None else cache
-
-    def table(entry):
-        key = (entry["file"], entry["sha256"])
-        if key not in cache:
-            path = store.verified(directory, entry, verify=verify)
-            t = pq.read_table(path, columns=["row_id", "identity", "camera", "path"])
-            if len(t) != entry["rows"]:
-                raise GalleryError(f"{path}: {len(t)} rows, manifest says {entry['rows']}")
-            cache[key] = t
-        return cache[key]
-
-    tables = [table(manifest["metadata"])] + [table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
-    meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
-
-
-class Additions(NamedTuple):
-    """Rows to add, checked: vectors N×D float32, identities int64, cameras int32, paths str (N each)."""
-
-    vectors: np.ndarray
-    identities: np.ndarray
-    cameras: np.ndarray
-    paths: list[str]
-
-
-def checked_additions(vectors, identities, cameras, paths, dim: int, metric: str) -> Additions:
-    """``Gallery.add``'s arguments as ``Additions``, or a ValueError saying which one is wrong."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n = len(vectors)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise ValueError(f"vectors must be N×{dim}, got {vectors.shape}")
-    check_vectors(vectors, "added vectors", metric)
-    identities = np.asarray(identities, dtype=np.int64).reshape(-1)
-    if len(identities) != n:
-        raise ValueError(f"{n} vectors but {len(identities)} identities")
-    cameras = np.full(n, -1, np.int32) if cameras is None else np.asarray(cameras, dtype=np.int32).reshape(-1)
-    paths = [""] * n if paths is None else [str(p) for p in paths]
-    if len(cameras) != n or len(paths) != n:
-        raise ValueError(f"{n} vectors but {len(cameras)} cameras and {len(paths)} paths")
-    return Additions(vectors, identities, cameras, paths)
-
-
-def trained_index(directory: Path, manifest: dict, verify: bool = True):
-    """The trained, empty index every shard is a copy of (``trained.faiss``, sha256 checked)."""
-    import faiss
-
-    entry = manifest.get("trained")
-    if entry:
-        return faiss.read_index(str(store.verified(directory, entry, verify=verify)))
-    empty = faiss.index_factory(int(manifest["dim"]), manifest["factory"], faiss_metric(manifest["metric"]))
-    if not empty.is_trained:
-        raise GalleryError(f"{directory}: no trained.faiss (built before add existed); rebuild to add")
-    return empty
-
-
-def with_added_shard(directory: Path, manifest: dict, rows: Additions, verify: bool = True) -> tuple[dict, np.ndarray]:
-    """(the next generation's manifest, the new row ids): ``rows`` written as ``added-<gen>.faiss`` (a copy of
-    the trained index) and ``added-<gen>.parquet``. Nothing is published; the caller holds the writer lock."""
-    n = len(rows.vectors)
-    gen = int(manifest.get("generation", 0)) + 1
-    # format v1 (built before add/remove existed) has no next_row_id
-    first = manifest.get("next_row_id", max(e["id_max"] for e in manifest["shards"] if e["id_max"] is not None) + 1)
-    ids = np.arange(first, first + n, dtype=np.int64)
-    index = fill_shard(trained_index(directory, manifest, verify), rows.vectors, ids)
-    name = f"added-{gen:06d}"
-    meta = pa.table({"row_id": ids, "identity": rows.identities, "camera": rows.cameras, "path": rows.paths})
-    entry = {
-        "file": f"{name}.faiss",
-        "ntotal": int(index.ntotal),
-        "id_min": int(ids[0]),
-        "id_max": int(ids[-1]),
-        "generation": gen,
-        "sha256": store.write_index(index, directory / f"{name}.faiss"),
-        "metadata": {"file": f"{name}.parquet", "rows": n,
-                     "sha256": store.write_table(meta, directory / f"{name}.parquet")},
-    }
-    return {**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
-            "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1}, ids
-
-
-def with_tombstones(directory: Path, manifest: dict, row_ids: np.ndarray) -> dict:
-    """The next generation's manifest with ``row_ids`` (live, known) removed: ``removed-<gen>.npy``
-    written. Nothing is published; the caller holds the writer lock."""
-    gen = int(manifest.get("generation", 0)) + 1
-    name = f"removed-{gen:06d}.npy"
-    sha = atomic.write_file(directory / name, lambda tmp: _save_npy(tmp, row_ids), checksum=True)
-    entry = {"file": name, "sha256": sha, "count": int(len(row_ids)), "generation": gen}
-    return {**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
-            "ntotal": int(manifest["ntotal"]) - len(row_ids)}
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    # through a handle: np.save(<name>) would append ".npy" to the temporary's name
-    with open(path, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-
-
-class _Snapshot:
-    """Everything one manifest generation names, loaded; searches use one snapshot throughout."""
-
-    def __init__(self, manifest: dict, shards: list, removed: np.ndarray, meta: pa.Table):
-        self.manifest, self.shards, self.removed = manifest, shards, removed
-        self.generation = int(manifest.get("generation", 0))
-        self.row_ids = meta.column("row_id").to_numpy()
-        self.identity = meta.column("identity").to_numpy()
-        self.camera = meta.column("camera").to_numpy()
-        self.path = meta.column("path")
-
-    def positions(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in the metadata, found) for each row id; -1 and unknown ids are not found."""
-        row_ids = np.asarray(row_ids, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.row_ids, row_ids), 0, max(len(self.row_ids) - 1, 0))
-        found = (row_ids >= 0) & (self.row_ids[pos] == row_ids) if len(self.row_ids) else np.zeros(row_ids.shape, bool)
-        return pos, found
-
-    def identities(self, row_ids: np.ndarray) -> np.ndarray:
-        pos, found = self.positions(row_ids)
-        return np.where(found, self.identity[pos], -1) if len(self.identity) else np.full(np.shape(row_ids), -1)
-
-    def cameras(self, row_ids: np.ndarray) -> np.ndarray:
-        pos, found = self.positions(row_ids)
-        return np.where(found, self.camera[pos], -1) if len(self.camera) else np.full(np.shape(row_ids), -1)
-
-    def paths(self, row_ids: np.ndarray) -> np.ndarray:
-        row_ids = np.asarray(row_ids)
-        pos, found = self.positions(row_ids.reshape(-1))
-        names = self.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(self.row_ids) else pos.astype(str)
-        return np.where(found, names, "").reshape(row_ids.shape)
 
 
 class Gallery:
@@ -316,7 +68,7 @@ class Gallery:
         self._snap = self._open(manifest if manifest is not None else store.read_manifest(self.directory))
 
     # ------------------------------------------------------------------ loading
-    def _open(self, manifest: dict) -> _Snapshot:
+    def _open(self, manifest: dict) -> Snapshot:
         import faiss
 
         shards = []
@@ -330,7 +82,7 @@ class Gallery:
         self._apply_params(shards, {**manifest.get("search", {}), **self._search_override})
         removed = load_tombstones(self.directory, manifest.get("removed", []), self.verify)
         meta = read_metadata(self.directory, manifest, self._tables, self.verify)
-        snap = _Snapshot(manifest, shards, removed, meta)
+        snap = Snapshot(manifest, shards, removed, meta)
         workers = self._threads or min(len(shards), os.cpu_count() or 1)
         if workers > 1 and workers != self._pool_workers:
             # each worker thread gets its share of the cores for FAISS's own OpenMP loops
@@ -405,7 +157,7 @@ class Gallery:
         return search_live(lambda q, fetch: self._search_shards(snap, q, fetch, larger), len(snap.removed), queries,
                            k, larger)
 
-    def _search_shards(self, snap: _Snapshot, queries: np.ndarray, k: int, larger: bool) -> list:
+    def _search_shards(self, snap: Snapshot, queries: np.ndarray, k: int, larger: bool) -> list:
         def one(index):
             return live_hits(*index.search(queries, k), snap.removed, larger)
 
