@@ -14,6 +14,14 @@ Every file is written under a temporary name and renamed (see ``manifest``); a d
 without a manifest is an unfinished build, and ``Gallery`` refuses it. An interrupted
 build leaves ``manifest.partial.json`` listing the shards it finished; re-running with
 the same inputs keeps them (checked by sha256 of the file and of the shard's inputs).
+
+Each shard is checked, hashed and filled by plain functions (``shard_digest``,
+``fill_shard_file``) that read only that shard's rows; ``shard_tasks=True`` runs them as Ray
+tasks spread over the cluster's nodes (``_run_each`` is the whole Ray layer), otherwise they
+run here, one after the other. Either way the shard files are the same bytes. With vectors
+given as an ``index.rows`` source (files on disk) the driver never holds them all: it reads a
+training sample, and the tasks read their own rows. Tasks write into ``out_dir`` directly,
+so on a cluster of several machines it must be a directory every node sees at the same path.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from reidscale import atomic
 from reidscale.index import manifest as store
 from reidscale.index.calibrate import CalibrationSpec
 from reidscale.index.metric import check_gallery_metric, faiss_metric
+from reidscale.index.rows import RowRange
 from reidscale.index.vectors import check_vectors
 
 _log = logging.getLogger(__name__)
@@ -149,11 +158,83 @@ def fill_shard(empty, vectors: np.ndarray, ids: np.ndarray, progress=None):
     return index
 
 
-def _input_hash(*arrays: np.ndarray) -> str:
+def shard_digest(vectors, lo: int, hi: int, ids: np.ndarray, metric: str, source: str) -> str:
+    """sha256 of one shard's inputs (its int64 ids, then its rows ``lo:hi`` of ``vectors``), after
+    refusing non-finite or zero-norm rows (named by their row in ``vectors``). Reads in chunks."""
+    check_vectors(vectors, source, metric, lo=lo, hi=hi)
     digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    digest.update(memoryview(np.ascontiguousarray(ids)).cast("B"))
+    for a in range(lo, hi, ADD_CHUNK):  # the same bytes as hashing rows lo:hi at once
+        digest.update(memoryview(np.ascontiguousarray(vectors[a : min(a + ADD_CHUNK, hi)])).cast("B"))
     return digest.hexdigest()
+
+
+def fill_shard_file(out_dir: str | Path, name: str, trained: dict, vectors, lo: int, hi: int, ids: np.ndarray,
+                    input_sha256: str) -> dict:
+    """Rows ``lo:hi`` of ``vectors`` (under ``ids``) added to a copy of ``out_dir/trained.faiss``
+    (checked against ``trained["sha256"]``), written atomically as ``out_dir/name``; returns
+    the shard's manifest entry. Memory: the shard's index, plus ``ADD_CHUNK`` rows read at a time."""
+    import faiss
+
+    out_dir = Path(out_dir)
+    empty = faiss.read_index(str(store.verified(out_dir, trained)))
+    index = fill_shard(empty, RowRange(vectors, lo, hi), ids)
+    entry = {
+        "file": name,
+        "ntotal": int(index.ntotal),
+        "id_min": int(ids.min()) if hi > lo else None,
+        "id_max": int(ids.max()) if hi > lo else None,
+        "input_sha256": input_sha256,
+        "sha256": store.write_index(index, out_dir / name),
+    }
+    _log.info("%s: filled %d vectors", out_dir / name, entry["ntotal"])
+    return entry
+
+
+def _on_node(fn, *args):
+    """(the Ray node this runs on, ``fn(*args)``): the build records where each shard was filled."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(*args)
+
+
+def _run_each(fn, calls: list[tuple], ray_tasks: bool):
+    """Yield ``(i, node, fn(*calls[i]))``: here, in order (node ""), or as Ray tasks spread over
+    the nodes, in the order they finish. An ``np.ndarray`` argument is put in Ray's object store once."""
+    if not ray_tasks:
+        for i, args in enumerate(calls):
+            yield i, "", fn(*args)
+        return
+    import ray
+
+    from reidscale.ray_runtime import init_ray
+
+    init_ray()
+    shared: dict[int, object] = {}
+
+    def ref(a):
+        if isinstance(a, np.ndarray) and a.nbytes > 1 << 20:
+            if id(a) not in shared:
+                shared[id(a)] = ray.put(a)
+            return shared[id(a)]
+        return a
+
+    task = ray.remote(_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")
+    pending = {task.remote(fn, *map(ref, args)): i for i, args in enumerate(calls)}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for r in done:
+                i = pending.pop(r)
+                try:
+                    node, result = ray.get(r)
+                except ray.exceptions.RayTaskError as exc:
+                    # the task's own error (a bad row, a missing file), not Ray's multi-line wrapper
+                    raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+                yield i, node, result
+    finally:
+        for r in pending:  # a failed or abandoned build leaves nothing running
+            ray.cancel(r)
 
 
 def _table_hash(table: pa.Table) -> str:
@@ -180,6 +261,7 @@ def build_index(
     calibration_queries: np.ndarray | None = None,
     model_dir: str | Path | None = None,
     source: str = "gallery vectors",
+    shard_tasks: bool = False,
     log=print,
 ) -> dict:
     """Build ``num_shards`` shards over rows in ``metadata`` order; return the manifest.
@@ -191,7 +273,11 @@ def build_index(
     recorded relative to ``out_dir`` with its weights file's sha256. ``source`` names the
     vectors in errors (non-finite or zero-norm rows are refused).
 
-    ``vectors`` (N×D float32, may be a ``np.memmap``) row i belongs to ``metadata`` row i,
+    ``shard_tasks``: check, hash and fill each shard in a Ray task (``init_ray`` joins
+    ``RAY_ADDRESS`` or starts a private Ray); the manifest's ``fill`` says on which node.
+
+    ``vectors`` (N×D float32: an array, a ``np.memmap``, or an ``index.rows`` source that
+    reads rows from files as asked) row i belongs to ``metadata`` row i,
     whose ``row_id`` is the id stored in FAISS. Shards are contiguous row ranges. A
     directory already holding a complete index of the same inputs is left as it is
     (with any later ``add``/``remove``); shards finished by an interrupted build of the
@@ -209,7 +295,11 @@ def build_index(
     params = {**default_search_params(factory, n), **(search_params or {})}
     t0 = time.time()
     bounds = np.linspace(0, n, num_shards + 1).astype(int)
-    shard_inputs = [_input_hash(ids[lo:hi], vectors[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    shard_inputs = [""] * num_shards
+    for s, _, digest in _run_each(shard_digest, [(vectors, lo, hi, ids[lo:hi], metric, source) for lo, hi in ranges],
+                                  shard_tasks):
+        shard_inputs[s] = digest
     build_key = hashlib.sha256(json.dumps(
         [factory, metric, model_sha256, int(dim), train_size, shard_inputs, _table_hash(metadata)]).encode()).hexdigest()
 
@@ -222,8 +312,9 @@ def build_index(
     if partial.get("build_key") != build_key:
         partial = {"build_key": build_key, "shards": {}}
     (out_dir / store.MANIFEST).unlink(missing_ok=True)  # from here on the directory is an unfinished build
-    empty, trained = _trained_index(out_dir, partial, vectors, factory, metric, train_size, log)
-    shard_entries = _filled_shards(out_dir, partial, empty, vectors, ids, bounds, shard_inputs, factory)
+    trained = _trained_index(out_dir, partial, vectors, factory, metric, train_size, log)
+    shard_entries, nodes = _filled_shards(out_dir, partial, trained, vectors, ids, ranges, shard_inputs, factory,
+                                          shard_tasks)
     meta_sha = store.write_table(metadata, out_dir / "metadata.parquet")
     manifest = {
         "format": store.INDEX_FORMAT,
@@ -245,8 +336,13 @@ def build_index(
         "build_time_s": time.time() - t0,
         **(extra or {}),
         **(_model_record(model_dir, out_dir) if model_dir else {}),
+        **({"fill": {"executor": "ray", "nodes": nodes}} if shard_tasks else {}),
     }
     if calibration is not None and not search_params:
+        if shard_tasks:
+            _log.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
+                         "actors); give search_params or calibration=None for a gallery larger than its memory",
+                         out_dir)
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
     atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
@@ -261,12 +357,12 @@ def _checked_ids(vectors: np.ndarray, metadata: pa.Table, metric: str, source: s
     if n == 0:
         raise ValueError("no vectors to index")
     check_gallery_metric(metric)
-    check_vectors(vectors, source, metric)
     ids = metadata.column("row_id").to_numpy().astype(np.int64)
     if len(np.unique(ids)) != n:
         raise ValueError("row_id values are not unique")
     if ids.min() < 0:
         raise ValueError("row_id values must be >= 0 (FAISS uses -1 for 'no hit')")
+    # the vectors themselves are checked shard by shard, where they are read (shard_digest)
     return ids
 
 
@@ -293,53 +389,53 @@ def _finished_build(out_dir: Path, build_key: str, calibration, calibration_quer
 
 
 def _trained_index(out_dir: Path, partial: dict, vectors: np.ndarray, factory: str, metric: str, train_size: int,
-                   log) -> tuple[object, dict]:
-    """(the trained empty index, its manifest entry): an interrupted build's, if intact, else trained now."""
-    import faiss
-
+                   log) -> dict:
+    """The manifest entry of ``trained.faiss``, the trained empty index: an interrupted build's,
+    if intact, else trained now (on a sample: only the sample is read)."""
     trained = partial.get("trained")
     if trained and _intact(out_dir, trained):
         log(f"index {out_dir}: reusing trained {factory} from the interrupted build")
-        return faiss.read_index(str(out_dir / trained["file"])), trained
+        return trained
     t_train = time.time()
     empty = train_empty_index(vectors, factory, metric, train_size=train_size)
     trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
     partial["trained"] = trained
     atomic.write_json(out_dir / "manifest.partial.json", partial)
     log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
-    return empty, trained
+    return trained
 
 
-def _filled_shards(out_dir: Path, partial: dict, empty, vectors: np.ndarray, ids: np.ndarray, bounds: np.ndarray,
-                   shard_inputs: list[str], factory: str) -> list[dict]:
-    """Each contiguous row range added to a copy of ``empty`` and written with its sha256; a shard
-    an interrupted build of the same rows finished (and that is intact) is kept. Each finished
-    shard is recorded in the partial manifest at once, so a crash loses at most one shard."""
+def _filled_shards(out_dir: Path, partial: dict, trained: dict, vectors, ids: np.ndarray, ranges: list[tuple[int, int]],
+                   shard_inputs: list[str], factory: str, shard_tasks: bool) -> tuple[list[dict], dict]:
+    """(manifest entries, node per shard filled by a Ray task): each row range filled by
+    ``fill_shard_file``; a shard an interrupted build of the same rows finished (and that is
+    intact) is kept. Each finished shard is recorded in the partial manifest at once, so a crash
+    loses only the shards being filled."""
     from tqdm import tqdm
 
-    entries = []
+    entries: list[dict | None] = [None] * len(ranges)
+    todo = []
+    for s, (lo, hi) in enumerate(ranges):
+        name = f"shard-{s:05d}.faiss"
+        prev = partial["shards"].get(name)
+        if prev and prev["input_sha256"] == shard_inputs[s] and _intact(out_dir, prev):
+            entries[s] = prev
+        else:
+            todo.append(s)
+    calls = [(out_dir, f"shard-{s:05d}.faiss", trained, vectors, ranges[s][0], ranges[s][1],
+              ids[ranges[s][0]:ranges[s][1]], shard_inputs[s]) for s in todo]
+    nodes = {}
     with tqdm(total=len(ids), desc=f"index {factory}", unit="vec", mininterval=2.0) as bar:
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            name = f"shard-{s:05d}.faiss"
-            prev = partial["shards"].get(name)
-            if prev and prev["input_sha256"] == shard_inputs[s] and _intact(out_dir, prev):
-                entries.append(prev)
-                bar.update(hi - lo)
-                continue
-            index = fill_shard(empty, vectors[lo:hi], ids[lo:hi], progress=bar.update)
-            entry = {
-                "file": name,
-                "ntotal": int(index.ntotal),
-                "id_min": int(ids[lo:hi].min()) if hi > lo else None,
-                "id_max": int(ids[lo:hi].max()) if hi > lo else None,
-                "input_sha256": shard_inputs[s],
-                "sha256": store.write_index(index, out_dir / name),
-            }
-            del index
-            entries.append(entry)
-            partial["shards"][name] = entry
+        bar.update(sum(hi - lo for s, (lo, hi) in enumerate(ranges) if entries[s] is not None))
+        for i, node, entry in _run_each(fill_shard_file, calls, shard_tasks):
+            s = todo[i]
+            entries[s] = entry
+            if node:
+                nodes[entry["file"]] = node
+            partial["shards"][entry["file"]] = entry
             atomic.write_json(out_dir / "manifest.partial.json", partial)
-    return entries
+            bar.update(ranges[s][1] - ranges[s][0])
+    return entries, nodes
 
 
 def _model_record(model_dir: str | Path, out_dir: Path) -> dict:

@@ -69,7 +69,7 @@ def exact_topk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndar
     """
     import faiss
 
-    from reidscale.index.gallery import merge_topk
+    from reidscale.index.hits import merge_topk
 
     larger = larger_is_closer(metric)
     queries = np.ascontiguousarray(queries, dtype=np.float32)

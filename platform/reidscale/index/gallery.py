@@ -25,59 +25,21 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from reidscale import atomic
 from reidscale.index import manifest as store
-from reidscale.index.build import fill_shard, params_string
+from reidscale.index.generation import (Snapshot, apply_search_params, checked_additions, load_shard, load_tombstones,
+                                        read_metadata, with_added_shard, with_tombstones)
+from reidscale.index.hits import live_hits, merge_topk, search_live, top_identities
 from reidscale.index.manifest import GalleryError
-from reidscale.index.metric import faiss_metric, larger_is_closer
+from reidscale.index.metric import larger_is_closer
 from reidscale.index.vectors import check_vectors
 from reidscale.models import exported
 
+# merge_topk and the other hit functions live in index.hits; merge_topk stays importable from here
 __all__ = ["Gallery", "GalleryError", "merge_topk"]
 
 log = logging.getLogger(__name__)
-
-
-def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (Q×k_s) results into global top-k; FAISS pads missing hits with id -1."""
-    all_scores = np.concatenate(scores, axis=1)
-    all_ids = np.concatenate(ids, axis=1)
-    key = -all_scores if larger_is_better else all_scores.copy()
-    key = np.where(all_ids < 0, np.inf, key)
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    out_scores = np.take_along_axis(all_scores, order, 1)
-    out_ids = np.take_along_axis(all_ids, order, 1)
-    pad = -np.inf if larger_is_better else np.inf
-    out_scores[out_ids < 0] = pad
-    return out_scores, out_ids
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    # through a handle: np.save(<name>) would append ".npy" to the temporary's name
-    with open(path, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-
-
-class _Snapshot:
-    """Everything one manifest generation names, loaded; searches use one snapshot throughout."""
-
-    def __init__(self, manifest: dict, shards: list, removed: np.ndarray, meta: pa.Table):
-        self.manifest, self.shards, self.removed = manifest, shards, removed
-        self.generation = int(manifest.get("generation", 0))
-        self.row_ids = meta.column("row_id").to_numpy()
-        self.identity = meta.column("identity").to_numpy()
-        self.camera = meta.column("camera").to_numpy()
-        self.path = meta.column("path")
-
-    def positions(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in the metadata, found) for each row id; -1 and unknown ids are not found."""
-        row_ids = np.asarray(row_ids, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.row_ids, row_ids), 0, max(len(self.row_ids) - 1, 0))
-        found = (row_ids >= 0) & (self.row_ids[pos] == row_ids) if len(self.row_ids) else np.zeros(row_ids.shape, bool)
-        return pos, found
 
 
 class Gallery:
@@ -106,31 +68,21 @@ class Gallery:
         self._snap = self._open(manifest if manifest is not None else store.read_manifest(self.directory))
 
     # ------------------------------------------------------------------ loading
-    def _open(self, manifest: dict) -> _Snapshot:
+    def _open(self, manifest: dict) -> Snapshot:
         import faiss
 
         shards = []
         for entry in manifest["shards"]:
             key = (entry["file"], entry["sha256"])
             if key not in self._loaded:
-                path = store.verified(self.directory, entry, verify=self.verify)
-                index = faiss.read_index(str(path))
-                if index.ntotal != entry["ntotal"]:
-                    raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
-                self._loaded[key] = self._to_device(index)
+                self._loaded[key] = self._to_device(load_shard(self.directory, entry, self.verify))
             shards.append(self._loaded[key])
         # set on every shard each time, not only on first load: a new generation may carry
         # recalibrated settings for shards already loaded (they are shared across generations)
         self._apply_params(shards, {**manifest.get("search", {}), **self._search_override})
-        removed = [np.zeros(0, np.int64)]
-        for entry in manifest.get("removed", []):
-            path = store.verified(self.directory, entry, verify=self.verify)
-            removed.append(np.load(path, allow_pickle=False).astype(np.int64))
-        tables = [self._table(manifest["metadata"])]
-        tables += [self._table(e["metadata"]) for e in manifest["shards"] if "metadata" in e]
-        meta = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-        meta = meta.take(pc.sort_indices(meta, [("row_id", "ascending")]))
-        snap = _Snapshot(manifest, shards, np.sort(np.concatenate(removed)), meta)
+        removed = load_tombstones(self.directory, manifest.get("removed", []), self.verify)
+        meta = read_metadata(self.directory, manifest, self._tables, self.verify)
+        snap = Snapshot(manifest, shards, removed, meta)
         workers = self._threads or min(len(shards), os.cpu_count() or 1)
         if workers > 1 and workers != self._pool_workers:
             # each worker thread gets its share of the cores for FAISS's own OpenMP loops
@@ -141,24 +93,7 @@ class Gallery:
             self._pool_workers = workers
         return snap
 
-    @staticmethod
-    def _apply_params(shards: list, params: dict) -> None:
-        import faiss
-
-        if params:
-            text = params_string(params)
-            for index in shards:
-                faiss.ParameterSpace().set_index_parameters(index, text)
-
-    def _table(self, entry: dict) -> pa.Table:
-        key = (entry["file"], entry["sha256"])
-        if key not in self._tables:
-            path = store.verified(self.directory, entry, verify=self.verify)
-            table = pq.read_table(path, columns=["row_id", "identity", "camera", "path"])
-            if len(table) != entry["rows"]:
-                raise GalleryError(f"{path}: {len(table)} rows, manifest says {entry['rows']}")
-            self._tables[key] = table
-        return self._tables[key]
+    _apply_params = staticmethod(apply_search_params)
 
     def _to_device(self, index):
         import faiss
@@ -219,64 +154,23 @@ class Gallery:
             raise ValueError(f"k must be >= 1, got {k}")
         check_vectors(queries, "queries", self.metric)
         larger = larger_is_closer(snap.manifest["metric"])
-        if not len(snap.removed):
-            return self._search_shards(snap, queries, k, larger)
-        # Tombstones: fetch extra hits and drop removed ones; rows that lost too many are
-        # searched again deeper. Exact for Flat; for approximate indexes the same as the
-        # index's own ranking of the live rows.
-        scores = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        todo, fetch = np.arange(len(queries)), k + min(len(snap.removed), k)
-        while len(todo):
-            s, i = self._search_shards(snap, queries[todo], fetch, larger)
-            dead = np.isin(i, snap.removed)
-            live = (i >= 0) & ~dead
-            order = np.argsort(~live, axis=1, kind="stable")[:, :k]
-            scores[todo] = np.take_along_axis(s, order, 1)
-            ids[todo] = np.where(np.take_along_axis(live, order, 1), np.take_along_axis(i, order, 1), -1)
-            short = (live.sum(1) < k) & (i[:, -1] >= 0) & (fetch < k + len(snap.removed))
-            todo, fetch = todo[short], min(2 * fetch, k + len(snap.removed))
-        scores[ids < 0] = -np.inf if larger else np.inf
-        return scores, ids
+        return search_live(lambda q, fetch: self._search_shards(snap, q, fetch, larger), len(snap.removed), queries,
+                           k, larger)
 
-    def _search_shards(self, snap: _Snapshot, queries: np.ndarray, k: int, larger: bool):
+    def _search_shards(self, snap: Snapshot, queries: np.ndarray, k: int, larger: bool) -> list:
+        def one(index):
+            return live_hits(*index.search(queries, k), snap.removed, larger)
+
         if len(snap.shards) == 1 or self._pool is None:
-            results = [index.search(queries, k) for index in snap.shards]
-        else:
-            results = list(self._pool.map(lambda index: index.search(queries, k), snap.shards))
-        return merge_topk([r[0] for r in results], [r[1] for r in results], k, larger)
+            return [one(index) for index in snap.shards]
+        return list(self._pool.map(one, snap.shards))
 
     def search_identities(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k distinct identities per query: (identities, best score, best row id), each Q×k.
 
         An identity's score is that of its best image; pads with identity -1.
         """
-        snap = self._snap
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be Q×{self.dim}, got {queries.shape}")
-        check_vectors(queries, "queries", self.metric)
-        larger = larger_is_closer(snap.manifest["metric"])
-        out_ident = np.full((len(queries), k), -1, np.int64)
-        out_score = np.full((len(queries), k), -np.inf if larger else np.inf, np.float32)
-        out_row = np.full((len(queries), k), -1, np.int64)
-        todo, fetch = np.arange(len(queries)), 4 * k
-        while len(todo):
-            scores, rows = self.search(queries[todo], min(fetch, max(self.ntotal, 1)))
-            idents = self.identities(rows)
-            again = []
-            for j, q in enumerate(todo):
-                valid = rows[j] >= 0
-                ident, score, row = idents[j][valid], scores[j][valid], rows[j][valid]
-                _, first = np.unique(ident, return_index=True)
-                first = np.sort(first)[:k]
-                if len(first) < k and valid.all() and fetch < self.ntotal:
-                    again.append(q)
-                out_ident[q, : len(first)] = ident[first]
-                out_score[q, : len(first)] = score[first]
-                out_row[q, : len(first)] = row[first]
-            todo, fetch = np.asarray(again, dtype=np.int64), 4 * fetch
-        return out_ident, out_score, out_row
+        return top_identities(self, queries, k)
 
     def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """(identity, camera) of every row a search can return now (removed rows left out), in row-id order."""
@@ -286,22 +180,14 @@ class Gallery:
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.identity[pos], -1) if len(snap.identity) else np.full(np.shape(row_ids), -1)
+        return self._snap.identities(row_ids)
 
     def cameras(self, row_ids: np.ndarray) -> np.ndarray:
-        snap = self._snap
-        pos, found = snap.positions(row_ids)
-        return np.where(found, snap.camera[pos], -1) if len(snap.camera) else np.full(np.shape(row_ids), -1)
+        return self._snap.cameras(row_ids)
 
     def paths(self, row_ids: np.ndarray) -> np.ndarray:
         """Source path per row id ("" where unknown), same shape as ``row_ids``."""
-        snap = self._snap
-        row_ids = np.asarray(row_ids)
-        pos, found = snap.positions(row_ids.reshape(-1))
-        names = snap.path.take(pa.array(pos)).to_numpy(zero_copy_only=False) if len(snap.row_ids) else pos.astype(str)
-        return np.where(found, names, "").reshape(row_ids.shape)
+        return self._snap.paths(row_ids)
 
     # ------------------------------------------------------------------ writing
     def add(self, vectors: np.ndarray | None = None, identities: Sequence[int] | np.ndarray = (), cameras=None,
@@ -326,39 +212,11 @@ class Gallery:
                 raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
             if paths is None:
                 paths = [p if isinstance(p, str) else "" for p in images]
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n = len(vectors)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors must be N×{self.dim}, got {vectors.shape}")
-        check_vectors(vectors, "added vectors", self.metric)
-        identities = np.asarray(identities, dtype=np.int64).reshape(-1)
-        if len(identities) != n:
-            raise ValueError(f"{n} vectors but {len(identities)} identities")
-        cameras = np.full(n, -1, np.int32) if cameras is None else np.asarray(cameras, dtype=np.int32).reshape(-1)
-        paths = [""] * n if paths is None else [str(p) for p in paths]
-        if len(cameras) != n or len(paths) != n:
-            raise ValueError(f"{n} vectors but {len(cameras)} cameras and {len(paths)} paths")
-        if n == 0:
+        rows = checked_additions(vectors, identities, cameras, paths, self.dim, self.metric)
+        if not len(rows.vectors):
             return np.zeros(0, np.int64)
         with self._write_lock, store.writer_lock(self.directory):
-            manifest = self._latest()
-            gen = int(manifest.get("generation", 0)) + 1
-            ids = np.arange(manifest["next_row_id"], manifest["next_row_id"] + n, dtype=np.int64)
-            index = fill_shard(self._trained(manifest), vectors, ids)
-            name = f"added-{gen:06d}"
-            meta = pa.table({"row_id": ids, "identity": identities, "camera": cameras, "path": paths})
-            entry = {
-                "file": f"{name}.faiss",
-                "ntotal": int(index.ntotal),
-                "id_min": int(ids[0]),
-                "id_max": int(ids[-1]),
-                "generation": gen,
-                "sha256": store.write_index(index, self.directory / f"{name}.faiss"),
-                "metadata": {"file": f"{name}.parquet", "rows": n,
-                             "sha256": store.write_table(meta, self.directory / f"{name}.parquet")},
-            }
-            manifest = {**manifest, "generation": gen, "shards": [*manifest["shards"], entry],
-                        "ntotal": int(manifest["ntotal"]) + n, "next_row_id": int(ids[-1]) + 1}
+            manifest, ids = with_added_shard(self.directory, self._latest(), rows, self.verify)
             self._publish(manifest)
             cal = manifest.get("calibration")
             if cal and manifest["next_row_id"] - cal["next_row_id"] > cal["recalibrate_fraction"] * cal["ntotal"]:
@@ -467,12 +325,7 @@ class Gallery:
             new = row_ids[found & ~np.isin(row_ids, self._snap.removed)]
             if not len(new):
                 return 0
-            gen = int(manifest.get("generation", 0)) + 1
-            name = f"removed-{gen:06d}.npy"
-            sha = atomic.write_file(self.directory / name, lambda tmp: _save_npy(tmp, new), checksum=True)
-            entry = {"file": name, "sha256": sha, "count": int(len(new)), "generation": gen}
-            self._publish({**manifest, "generation": gen, "removed": [*manifest.get("removed", []), entry],
-                           "ntotal": int(manifest["ntotal"]) - len(new)})
+            self._publish(with_tombstones(self.directory, manifest, new))
         return int(len(new))
 
     def _latest(self) -> dict:
@@ -489,18 +342,6 @@ class Gallery:
         snap = self._open(manifest)  # load (and check) before publishing: never publish what we cannot read
         atomic.write_json(self.directory / store.MANIFEST, manifest)
         self._snap = snap
-
-    def _trained(self, manifest: dict):
-        import faiss
-
-        entry = manifest.get("trained")
-        if entry:
-            return faiss.read_index(str(store.verified(self.directory, entry, verify=self.verify)))
-        empty = faiss.index_factory(self.dim, manifest["factory"],
-                                    faiss_metric(self.metric))
-        if not empty.is_trained:
-            raise GalleryError(f"{self.directory}: no trained.faiss (built before add existed); rebuild to add")
-        return empty
 
     def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
         """The embedding model of this index (see ``resolve_model_dir``)."""

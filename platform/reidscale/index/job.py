@@ -20,6 +20,7 @@ from reidscale.embed import EMBEDDINGS_MANIFEST, EmbedConfig, embed_split, finis
 from reidscale.index.build import build_index, params_string
 from reidscale.index.calibrate import CalibrationSpec
 from reidscale.index.metric import GALLERY_METRICS
+from reidscale.index.rows import NpyRows, ParquetRows, l2_normalise
 from reidscale.models import exported
 from reidscale.tracking import TrackingConfig
 
@@ -67,6 +68,10 @@ class IndexJobConfig:
     recalibrate_fraction: float = 0.1
     # L2-normalise precomputed vectors that are not (metric ip is then cosine)
     normalize: bool = True
+    # check, hash and fill each shard in a Ray task (spread over the cluster's nodes; joins RAY_ADDRESS or
+    # starts a private Ray); the vectors are then read from their files by each shard's task, never all
+    # into this process. out_dir must be a path every node sees. Same shard files as false.
+    shard_tasks: bool = False
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -156,20 +161,56 @@ def load_precomputed(path: str | Path, normalize: bool = True) -> tuple[np.ndarr
         vectors = np.load(path, mmap_mode="r")
         if vectors.ndim != 2 or vectors.dtype != np.float32:
             raise ValueError(f"{path}: expected an N×D float32 array, got {vectors.shape} {vectors.dtype}")
-        meta_path = path.with_suffix(".parquet")
-        n = len(vectors)
-        if meta_path.is_file():
-            metadata = pq.read_table(meta_path, columns=["row_id", "identity", "camera", "path"])
-            if len(metadata) != n:
-                raise ValueError(f"{meta_path}: {len(metadata)} rows for {n} vectors")
-        else:
-            metadata = pa.table({"row_id": np.arange(n, dtype=np.int64), "identity": np.full(n, -1, np.int64),
-                                 "camera": np.full(n, -1, np.int32), "path": pa.array([""] * n)})
+        metadata = _npy_metadata(path, len(vectors))
     else:
         raise ValueError(f"{path}: embeddings must be a directory of embedding shards or a .npy file")
     if normalize and not _normalised(vectors):
         vectors = _l2_normalise(vectors)
     return vectors, metadata, model_sha
+
+
+def _npy_metadata(path: Path, n: int) -> pa.Table:
+    """identity/camera/path of an .npy's rows from ``<same name>.parquet``, else row ids 0..n-1 alone."""
+    meta_path = path.with_suffix(".parquet")
+    if meta_path.is_file():
+        metadata = pq.read_table(meta_path, columns=["row_id", "identity", "camera", "path"])
+        if len(metadata) != n:
+            raise ValueError(f"{meta_path}: {len(metadata)} rows for {n} vectors")
+        return metadata
+    return pa.table({"row_id": np.arange(n, dtype=np.int64), "identity": np.full(n, -1, np.int64),
+                     "camera": np.full(n, -1, np.int32), "path": pa.array([""] * n)})
+
+
+def open_precomputed_rows(path: str | Path, normalize: bool = True) -> tuple[object, pa.Table, str]:
+    """``load_precomputed`` without reading the vectors: (an ``index.rows`` source, metadata, model sha256).
+
+    Rows come out as ``load_precomputed``'s would, byte for byte (normalised as they are read
+    when the file's rows are not unit length)."""
+    path = Path(path)
+    model_sha = ""
+    if path.is_dir():
+        stats_path = path / EMBEDDINGS_MANIFEST
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        model_sha = stats.get("model_sha256", "")
+        rows = ParquetRows.open(path, stats.get("files"))
+        metadata = _embedding_metadata(rows)
+    elif path.suffix == ".npy":
+        rows = NpyRows.open(path)
+        metadata = _npy_metadata(path, len(rows))
+    else:
+        raise ValueError(f"{path}: embeddings must be a directory of embedding shards or a .npy file")
+    if normalize and not _normalised(rows):
+        rows = replace(rows, normalize=True)
+    return rows, metadata, model_sha
+
+
+def _embedding_metadata(rows: ParquetRows) -> pa.Table:
+    """The embedding shards' columns but the vectors (what ``read_embeddings`` returns beside them)."""
+    tables = []
+    for name in rows.files:
+        schema = pq.read_schema(Path(rows.directory) / name)
+        tables.append(pq.read_table(Path(rows.directory) / name, columns=[c for c in schema.names if c != "embedding"]))
+    return pa.concat_tables(tables)
 
 
 def _normalised(vectors: np.ndarray, sample: int = 10_000) -> bool:
@@ -181,7 +222,7 @@ def _l2_normalise(vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     out = np.empty(vectors.shape, np.float32)
     for lo in range(0, len(vectors), chunk):
         x = np.asarray(vectors[lo : lo + chunk], dtype=np.float32)
-        out[lo : lo + chunk] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        out[lo : lo + chunk] = l2_normalise(x)
     return out
 
 
@@ -225,7 +266,8 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
     extra: dict = {"split": cfg.split}
     model_dir = None
     if cfg.embeddings:
-        vectors, metadata, model_sha = load_precomputed(cfg.embeddings, cfg.normalize)
+        load = open_precomputed_rows if cfg.shard_tasks else load_precomputed
+        vectors, metadata, model_sha = load(cfg.embeddings, cfg.normalize)
         embed_stats = {"embedded": len(vectors), "source": cfg.embeddings}
         extra["embeddings_source"] = cfg.embeddings
     else:
@@ -239,7 +281,11 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         else:
             embed_stats = embed_split(cfg.model_dir, cfg.data_dir, cfg.split, emb_dir, cfg.embed,
                                       job_name=f"build_index-{out_dir.name}")
-        vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
+        if cfg.shard_tasks:
+            vectors = ParquetRows.open(emb_dir, embed_stats["files"])
+            metadata = _embedding_metadata(vectors)
+        else:
+            vectors, metadata = read_embeddings(emb_dir, embed_stats["files"])
         model_dir = cfg.model_dir
         extra.update({"data_dir": cfg.data_dir,
                       # sha256 per file, so a reader that reuses them (jobs/evaluate.py) can check them
@@ -253,7 +299,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         search_params=parse_search_params(cfg.search_params), train_size=cfg.train_size, extra=extra,
         calibration=cfg.calibration_spec() if calibrate else None,
         calibration_queries=_calibration_queries(cfg, out_dir) if calibrate else None,
-        model_dir=model_dir, source=f"gallery vectors from {cfg.embeddings or cfg.split}",
+        model_dir=model_dir, source=f"gallery vectors from {cfg.embeddings or cfg.split}", shard_tasks=cfg.shard_tasks,
     )
     summary = {"index_dir": str(out_dir), "ntotal": manifest["ntotal"], "factory": manifest["factory"],
                "search": manifest["search"], "num_shards": len(manifest["shards"]),

@@ -22,21 +22,23 @@ def _rows(bad: np.ndarray, what: str, problem: str) -> str:
     return f"{what}: row {first}{more} {problem}"
 
 
-def check_vectors(vectors: np.ndarray, what: str, metric: str = "ip") -> None:
+def check_vectors(vectors: np.ndarray, what: str, metric: str = "ip", *, lo: int = 0, hi: int | None = None) -> None:
     """Raise ``ValueError`` if any row is non-finite, or has (near) zero norm under metric ``ip``.
 
-    Works in chunks, so ``vectors`` may be a memory-mapped N×D array of any size.
+    Works in chunks, so ``vectors`` may be a memory-mapped N×D array (or an ``index.rows``
+    source) of any size; ``lo:hi`` checks only those rows (named by their position in ``vectors``).
     ``what`` names the input in the message ("gallery vectors from g.npy", "queries").
     """
     bad_finite, bad_norm = [], []
-    for lo in range(0, len(vectors), CHUNK):
-        x = np.asarray(vectors[lo : lo + CHUNK], dtype=np.float32)
+    hi = len(vectors) if hi is None else hi
+    for start in range(lo, hi, CHUNK):
+        x = np.asarray(vectors[start : min(start + CHUNK, hi)], dtype=np.float32)
         finite = np.isfinite(x).all(axis=1)
-        bad_finite.append(np.flatnonzero(~finite) + lo)
+        bad_finite.append(np.flatnonzero(~finite) + start)
         if metric == "ip":
             with np.errstate(over="ignore", invalid="ignore"):
                 norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-            bad_norm.append(np.flatnonzero(finite & (norm < MIN_NORM)) + lo)
+            bad_norm.append(np.flatnonzero(finite & (norm < MIN_NORM)) + start)
     bad = np.concatenate(bad_finite) if bad_finite else np.zeros(0, np.int64)
     if len(bad):
         raise ValueError(_rows(bad, what, "not finite (NaN or inf); refusing them"))
