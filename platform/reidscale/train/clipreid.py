@@ -50,9 +50,10 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
         return load_file(str(out))["text_features"]
     from_checkpoint = _checkpoint_text_features(ctx)
     if from_checkpoint is not None:
+        # no barrier here: a slower rank may already find this copy above and return through
+        # the "already done" branch, and a barrier it never reaches would hang rank 0 (seen)
         if ctx.rank == 0:
             save_text_features(out.parent, from_checkpoint)
-        barrier()
         return from_checkpoint
 
     stage1 = Stage1Model(PromptLearner(num_classes, clip.token_embedding, n_ctx=c.n_ctx, noun=c.noun), TextTower(clip))
