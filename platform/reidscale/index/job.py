@@ -144,6 +144,12 @@ def parse_search_params(text: str) -> dict:
     return params
 
 
+def _embeddings_stats(directory: Path) -> dict:
+    """The embedding step's manifest beside its Parquet files ({} for a directory without one)."""
+    stats_path = directory / EMBEDDINGS_MANIFEST
+    return json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+
+
 def load_precomputed(path: str | Path, normalize: bool = True) -> tuple[np.ndarray, pa.Table, str]:
     """(N×D float32 vectors, metadata table, model sha256 or "") from precomputed embeddings.
 
@@ -153,8 +159,7 @@ def load_precomputed(path: str | Path, normalize: bool = True) -> tuple[np.ndarr
     path = Path(path)
     model_sha = ""
     if path.is_dir():
-        stats_path = path / EMBEDDINGS_MANIFEST
-        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        stats = _embeddings_stats(path)
         model_sha = stats.get("model_sha256", "")
         vectors, metadata = read_embeddings(path, stats.get("files"))
     elif path.suffix == ".npy":
@@ -189,8 +194,7 @@ def open_precomputed_rows(path: str | Path, normalize: bool = True) -> tuple[obj
     path = Path(path)
     model_sha = ""
     if path.is_dir():
-        stats_path = path / EMBEDDINGS_MANIFEST
-        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        stats = _embeddings_stats(path)
         model_sha = stats.get("model_sha256", "")
         rows = ParquetRows.open(path, stats.get("files"))
         metadata = _embedding_metadata(rows)
