@@ -303,6 +303,22 @@ def test_verbosity_comes_from_the_argument_else_the_environment(monkeypatch):
     assert ray_runtime.quiet_env(True) == {} and ray_runtime.quiet_env(False)["RAY_DATA_LOG_LEVEL"] == "WARNING"
 
 
+def test_a_verbose_process_is_not_held_quiet_by_what_a_quiet_parent_set(monkeypatch):
+    # seen in CI: a test that ran init_ray in the pytest process left RAY_DATA_LOG_LEVEL=WARNING
+    # in os.environ, and the verbose job it started afterwards inherited it
+    from reidscale import ray_runtime
+
+    for key in ("RAY_DATA_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS", ray_runtime.QUIETED_ENV):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "0")  # the user's own: kept both ways
+    ray_runtime.quiet_ray(False)
+    assert os.environ["RAY_DATA_LOG_LEVEL"] == "WARNING" and os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "0"
+    assert os.environ[ray_runtime.QUIETED_ENV] == "RAY_DATA_LOG_LEVEL"
+    ray_runtime.quiet_ray(True)  # what a child started with REIDSCALE_RAY_VERBOSE=1 runs
+    assert "RAY_DATA_LOG_LEVEL" not in os.environ and ray_runtime.QUIETED_ENV not in os.environ
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "0"
+
+
 def test_loopback_addresses_are_recognised_for_joining():
     from reidscale.ray_runtime import is_loopback_address
 

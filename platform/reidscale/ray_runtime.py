@@ -44,6 +44,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 VERBOSE_ENV = "REIDSCALE_RAY_VERBOSE"
+# the quiet_env variables quiet_ray put in os.environ itself (children inherit both)
+QUIETED_ENV = "REIDSCALE_QUIETED_VARS"
 # every process of a private Ray inherits this from the driver; the watchdog kills by it
 OWNER_ENV = "REIDSCALE_RAY_OWNER"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -78,13 +80,19 @@ def quiet_ray(verbose: bool | None = None) -> dict[str, str]:
     Sets (without overriding a value the user exported) the variables of ``quiet_env`` in
     ``os.environ``, so a private Ray's workers inherit them, and applies them to the
     ``ray``/``ray.data`` loggers and the current ``DataContext`` if Ray is already imported.
-    Returns the variables, for a runtime env. Does nothing when verbose.
+    Returns the variables, for a runtime env. When verbose, unsets the ones a quiet parent
+    process set (listed in ``REIDSCALE_QUIETED_VARS``), so they do not hold it quiet.
     """
     env = quiet_env(verbose)
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
     if not env:
+        _drop_inherited_quiet()
         return env
+    ours = [key for key in env if key not in os.environ]
+    for key in ours:
+        os.environ[key] = env[key]
+    if ours:
+        # so a verbose process started from this one can tell our values from the user's
+        os.environ[QUIETED_ENV] = ",".join(sorted(set(ours) | set(_quieted_keys())))
     # "ray" carries the banner and Ray Core's INFO lines; ray.data and ray.train set their
     # own levels below it
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -95,6 +103,19 @@ def quiet_ray(verbose: bool | None = None) -> dict[str, str]:
 
         DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] in ("", "0")
     return env
+
+
+def _quieted_keys() -> list[str]:
+    return [key for key in os.environ.get(QUIETED_ENV, "").split(",") if key]
+
+
+def _drop_inherited_quiet() -> None:
+    """Verbose: unset the quiet variables a quiet parent process set (not ones the user exported)."""
+    quiet = quiet_env(False)
+    for key in _quieted_keys():
+        if key in quiet and os.environ.get(key) == quiet[key]:
+            del os.environ[key]
+    os.environ.pop(QUIETED_ENV, None)
 
 
 def _hush_bar_notice() -> None:
