@@ -170,3 +170,41 @@ def test_build_job_config_names_a_bad_calibration_key(key, value):
 
     with pytest.raises(ConfigError, match=f"^{key}: "):
         IndexJobConfig(**{key: value}).validate()
+
+
+def _staged_search(truth, need):
+    """A search whose recall is 1 once nprobe reaches need[k_factor_rf] (else 0.5) and whose time
+    grows with nprobe: the climb's order and its early stop, without an index."""
+    import time
+
+    def search(q, k, params):
+        # cells scanned × (1 + re-ranking width): the shape of IVF-PQ's cost, steps ≥ 40 ms apart
+        time.sleep(0.02 * params["nprobe"] * (1 + params["k_factor_rf"] / 64))
+        found = truth[: len(q), :k].copy()
+        if params["nprobe"] < need[params["k_factor_rf"]]:
+            found[:, k // 2 :] = -1
+        return found
+
+    return search
+
+
+def test_climb_starts_each_narrower_reranking_where_the_wider_one_reached_the_target():
+    truth = np.arange(40 * 10).reshape(40, 10)
+    search = _staged_search(truth, {64: 8, 16: 12, 4: 32})
+    report = cal_mod.calibrate_settings(search, np.zeros((40, 4), np.float32), truth, "IVF64,PQ2x4fs,RFlat",
+                                        CalibrationSpec(target_recall=0.95))
+    tried = [(r["params"]["k_factor_rf"], r["params"]["nprobe"]) for r in report["tried"]]
+    # kf 64 from 1 up to 8; kf 16 from 8 to 12; kf 4 from 12, stopped at 16: slower than kf 16 at 12
+    assert tried == [(64, p) for p in (1, 2, 3, 4, 6, 8)] + [(16, 8), (16, 12), (4, 12), (4, 16)]
+    reached = [r for r in report["tried"] if r["recall_at_k"] >= 0.95]
+    assert report["reached"] and report["chosen"] == max(reached, key=lambda r: r["qps"])["params"]
+
+
+def test_an_unreachable_target_costs_one_ladder_not_one_per_reranking_width():
+    truth = np.arange(40 * 10).reshape(40, 10)
+    search = _staged_search(truth, {64: 10**9, 16: 10**9, 4: 10**9})
+    report = cal_mod.calibrate_settings(search, np.zeros((40, 4), np.float32), truth, "IVF8,PQ2x4fs,RFlat",
+                                        CalibrationSpec(target_recall=0.95))
+    assert [(r["params"]["k_factor_rf"], r["params"]["nprobe"]) for r in report["tried"]] == \
+        [(64, p) for p in (1, 2, 3, 4, 6, 8)]
+    assert not report["reached"] and report["recall_at_k"] == 0.5

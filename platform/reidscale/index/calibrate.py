@@ -13,8 +13,9 @@ assuming:
   both, so recall counts the neighbours a real query would need. For IVF this matches
   real queries; an HNSW graph still favours its own nodes (the search starts near the
   query's own links), so gallery rows overstate HNSW recall: give real queries for HNSW;
-* settings tried: ``nprobe`` (IVF) × ``k_factor_rf`` (exact re-ranking), or ``efSearch``
-  (HNSW), each increased until the target recall@k is reached; the setting with the most
+* settings tried: ``nprobe`` (IVF) × ``k_factor_rf`` (exact re-ranking, widest first), or
+  ``efSearch`` (HNSW), each increased until the target recall@k is reached or a setting is
+  slower than one that already reached it; the setting with the most
   queries/s among those that reach it is chosen. If none does, the best recall is kept
   and the report says so (``reached`` false, a one-line ``message``).
 
@@ -147,22 +148,30 @@ def calibrate_settings(search: Callable[[np.ndarray, int, dict], np.ndarray], qu
         return row
 
     def climb(name: str, values: list[int], fixed: dict) -> int | None:
-        """Smallest value of ``name`` (ascending) reaching the target, or None."""
+        """Smallest value of ``name`` (ascending) reaching the target, or None. Stops early once a
+        setting is slower than the fastest one already reaching the target: more only gets slower."""
         for v in values:
-            if measure({**fixed, name: v})["recall_at_k"] >= spec.target_recall:
+            row = measure({**fixed, name: v})
+            if row["recall_at_k"] >= spec.target_recall:
                 return v
+            if any(r["recall_at_k"] >= spec.target_recall and r["qps"] > row["qps"] for r in tried[:-1]):
+                return None
         return None
 
     t0 = time.perf_counter()
     nlist = _ivf_nlist(factory)
     refine = "RFlat" in factory or "Refine(" in factory
     if nlist is not None:
-        ceiling = nlist
-        for kf in (KF_STEPS if refine else (None,)):
+        # widest re-ranking first: it needs the fewest cells, and a narrower one never needs
+        # fewer, so each narrower climb starts where the wider one reached the target (and
+        # when the widest never does, no other can: one ladder, not one per width)
+        floor = 1
+        for kf in (sorted(KF_STEPS, reverse=True) if refine else (None,)):
             fixed = {} if kf is None else {"k_factor_rf": kf}
-            found = climb("nprobe", _ladder(ceiling), fixed)
-            if found is not None:
-                ceiling = found  # a wider re-ranking never needs more cells
+            found = climb("nprobe", [p for p in _ladder(nlist) if p >= floor], fixed)
+            if found is None:
+                break
+            floor = found
     elif "HNSW" in factory:
         climb("efSearch", [e for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
                            if e >= k], {})
