@@ -200,7 +200,8 @@ def main() -> None:
     index_dir = work / "index"
     shutil.copytree(src, index_dir)
     gallery = Gallery(index_dir)
-    model_dir = args.model_dir or gallery.manifest.get("model_dir")
+    # resolved against the original index (the manifest's path is relative to it; the copy sits elsewhere)
+    model_dir = Gallery(src).resolve_model_dir(args.model_dir)
     images = query_images(src, args.images)
     vectors, ok = embed_images(model_dir, images)
     images, vectors = [im for im, o in zip(images, ok) if o], vectors[ok]

@@ -7,6 +7,13 @@ References are independent of the service: ``Gallery.search_identities`` and
 import base64
 import concurrent.futures
 import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,7 @@ from reidscale.index.build import build_index
 from reidscale.index.gallery import Gallery
 from reidscale.models.backbone import ModelConfig
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=16)
 SIZE = TransformConfig(height=32, width=16)
 TOKEN = "test-token-8f3a"
@@ -158,6 +166,8 @@ def test_open_set_threshold_comes_from_open_set_json(service, world):
     assert info["score_threshold"] == pytest.approx(world["threshold"])
     assert "open_set.json" in info["threshold_source"] and "FAR 1%" in info["threshold_source"]
     assert info["model"]["weights_sha256"] == Gallery(world["index_dir"]).manifest["model_sha256"]
+    live_identity, _ = Gallery(world["index_dir"]).live_labels()
+    assert info["identities"] == len(set(live_identity.tolist())) and info["vectors"] == live_identity.size
     # a direction far from every gallery vector: the random one whose best match is worst
     candidates = _unit(np.random.default_rng(3).standard_normal((2000, 16)))
     far = candidates[np.argmin((candidates @ world["vectors"].T).max(1))]
@@ -225,6 +235,9 @@ def test_concurrent_new_enrolments_get_distinct_identities_and_all_rows(service,
     ("/search", {"k": 3}, 422, "exactly one of images or vectors"),
     ("/enrol", {"vectors": [[1.0] + [0.0] * 15], "identity": -4}, 422, "identity: -4"),
     ("/enrol", {"vectors": [[1.0] + [0.0] * 15], "identity": 1, "cameras": [0, 1]}, 422, "cameras: 2 camera ids"),
+    # beyond the int64/int32 columns they are stored in: a 422, not numpy's OverflowError as a 500
+    ("/enrol", {"vectors": [[1.0] + [0.0] * 15], "identity": 2**64}, 422, "identity"),
+    ("/search", {"vectors": [[1.0] + [0.0] * 15], "k": 1, "cameras": [2**40]}, 422, "cameras.0"),
 ])
 def test_bad_input_gets_4xx_with_a_message_and_changes_nothing(service, world, path, body, status, message):
     before = requests.get(service["url"] + "/health", timeout=30).json()["generation"]
@@ -232,6 +245,15 @@ def test_bad_input_gets_4xx_with_a_message_and_changes_nothing(service, world, p
     assert r.status_code == status, r.text
     assert message in r.json()["detail"] and "\n" not in r.json()["detail"]
     assert requests.get(service["url"] + "/health", timeout=30).json() == {"status": "ok", "generation": before}
+
+
+def test_row_ids_and_identities_beyond_int64_are_refused_not_a_server_error(service):
+    before = requests.get(service["url"] + "/health", timeout=30).json()
+    r = requests.delete(service["url"] + "/rows", json={"row_ids": [1, 2**64]}, headers=AUTH, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"].startswith("row_ids.1:"), r.text
+    r = requests.delete(service["url"] + f"/identities/{2**64}", headers=AUTH, timeout=30)
+    assert r.status_code == 422 and "identity" in r.json()["detail"], r.text
+    assert requests.get(service["url"] + "/health", timeout=30).json() == before
 
 
 def test_oversized_request_body_is_refused_before_parsing(service):
@@ -261,3 +283,66 @@ def test_restart_keeps_every_acknowledged_enrolment(service, world):
     assert [q["matches"][0]["row_id"] for q in r["results"]] == enrolled["row_ids"]
     assert r["generation"] == enrolled["generation"]
     assert requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()["gallery_pid"] != pid
+
+
+def test_the_service_on_shard_actors_answers_as_the_gallery_and_enrols(service, world):
+    """``gallery.distributed=true``: the gallery replica serves from DistributedGallery's shard
+    actors; answers equal the single-process Gallery's, and an enrolment reaches the actors."""
+    app = service["app"]
+    distributed = {"num_cpus": 0.25, "refresh_s": 0.2, "distributed": True, "actors": 2, "actor_cpus": 0.25}
+    app.redeploy(_config(world, gallery=distributed))
+    try:
+        info = requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()
+        assert info["shard_actors"] == 2
+        queries = _unit(world["vectors"][[2, 50, 150]] + 0.05 * np.random.default_rng(4).standard_normal((3, 16)))
+        r = post(service, "/search", {"vectors": queries.tolist(), "k": 5})
+        assert r.status_code == 200, r.text
+        ident, score, row = Gallery(world["index_dir"]).search_identities(queries, 5)
+        for q, result in enumerate(r.json()["results"]):
+            assert [m["identity"] for m in result["matches"]] == ident[q].tolist()
+            assert [m["row_id"] for m in result["matches"]] == row[q].tolist()
+            np.testing.assert_allclose([m["score"] for m in result["matches"]], score[q], atol=1e-5)
+        v = _unit(np.random.default_rng(11).standard_normal((2, 16)))
+        enrolled = post(service, "/enrol", {"vectors": v.tolist(), "identity": "new"}).json()
+        found = post(service, "/search", {"vectors": v.tolist(), "k": 1}).json()
+        assert [q["matches"][0]["row_id"] for q in found["results"]] == enrolled["row_ids"]
+        assert {q["matches"][0]["identity"] for q in found["results"]} == {enrolled["identity"]}
+    finally:
+        app.redeploy(_config(world))
+    assert requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()["shard_actors"] == 0
+
+
+def test_serve_job_takes_its_token_from_the_environment_and_stops_cleanly_on_sigterm(world, tmp_path):
+    """``jobs/serve.py`` as a user starts it: one command on an index (its model found through the
+    index), the token from REIDSCALE_SERVE_TOKEN, SIGTERM stops it: exit 0 and the port closed."""
+    index_dir = tmp_path / "index"
+    shutil.copytree(world["index_dir"], index_dir)
+    env = {**os.environ, "REIDSCALE_SERVE_TOKEN": "env-token-5c1d"}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), f"index_dir={index_dir}", "port=0",
+                                 "embedder.num_cpus=0.25", "gallery.num_cpus=0.25"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=240)  # Ray + Serve + three replicas start in ~40 s here
+            if line.startswith("{"):
+                url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.1:")
+        query = world["vectors"][[5]]
+        assert requests.post(url + "/search", json={"vectors": query.tolist(), "k": 1}, timeout=60).status_code == 401
+        r = requests.post(url + "/search", json={"vectors": query.tolist(), "k": 3}, timeout=60,
+                          headers={"Authorization": "Bearer env-token-5c1d"})
+        assert r.status_code == 200, r.text
+        ident, _, _ = Gallery(index_dir).search_identities(query, 3)
+        assert [m["identity"] for m in r.json()["results"][0]["matches"]] == ident[0].tolist()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + "/health", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -117,6 +117,8 @@ def test_config_refuses_bad_values_naming_the_key(tmp_path):
         config_from_args({"index_dir": str(tmp_path), "embedder": {"max_batch_size": 0}})
     with pytest.raises(ConfigError, match="no manifest.json"):
         config_from_args({"index_dir": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="gallery.replicas: 2 with distributed=true"):
+        config_from_args({"index_dir": str(tmp_path), "gallery": {"distributed": True, "replicas": 2}})
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "serve.py"), f"index_dir={tmp_path}", "port=70000"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "port: 70000" in proc.stderr

@@ -341,6 +341,10 @@ class DistributedGallery:
         """``Gallery.search_identities`` across the actors (all shards must answer)."""
         return top_identities(self, queries, k)
 
+    def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(identity, camera) of every row a search can return now, in row-id order (as ``Gallery``)."""
+        return self._snap.live_labels()
+
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity per row id (-1: no hit or unknown), from the metadata this client holds."""
         return self._snap.identities(row_ids)

@@ -174,9 +174,7 @@ class Gallery:
 
     def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """(identity, camera) of every row a search can return now (removed rows left out), in row-id order."""
-        snap = self._snap
-        live = ~np.isin(snap.row_ids, snap.removed)
-        return snap.identity[live], snap.camera[live]
+        return self._snap.live_labels()
 
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         """Identity for each row id (-1 where the id is -1, i.e. no hit, or unknown)."""

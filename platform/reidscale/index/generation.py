@@ -171,6 +171,11 @@ class Snapshot:
         found = (row_ids >= 0) & (self.row_ids[pos] == row_ids) if len(self.row_ids) else np.zeros(row_ids.shape, bool)
         return pos, found
 
+    def live_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(identity, camera) of every row a search can return (removed rows left out), in row-id order."""
+        live = ~np.isin(self.row_ids, self.removed)
+        return self.identity[live], self.camera[live]
+
     def identities(self, row_ids: np.ndarray) -> np.ndarray:
         pos, found = self.positions(row_ids)
         return np.where(found, self.identity[pos], -1) if len(self.identity) else np.full(np.shape(row_ids), -1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
 import threading
@@ -22,6 +21,7 @@ import numpy as np
 
 from reidscale.index.gallery import resolve_model_dir
 from reidscale.index.manifest import read_manifest
+from reidscale.ray_runtime import init_ray
 # at module level: FastAPI resolves the (string) annotations of the routes against these globals
 from reidscale.serve import schema as s
 from reidscale.serve.config import ServeConfig, config_from_args
@@ -177,7 +177,7 @@ def ingress_deployment():
             return await self.gallery.remove_rows.remote(req.row_ids)
 
         @api.delete("/identities/{identity}", response_model=s.DeleteResponse)
-        async def delete_identity(self, identity: int) -> dict:
+        async def delete_identity(self, identity: s.Int64) -> dict:
             out = await self.gallery.remove_identity.remote(identity)
             if out["removed"] == 0:
                 raise s.InputError(f"identity {identity}: no live rows in the gallery", status=404)
@@ -206,7 +206,8 @@ def build_app(cfg: ServeConfig, plan_: dict | None = None):
     e, g = cfg.embedder, cfg.gallery
     gallery = gallery_deployment().options(
         num_replicas=g.replicas, ray_actor_options={"num_cpus": g.num_cpus},
-    ).bind(p["index_dir"], dict(g.search_params), g.verify, g.refresh_s)
+    ).bind(p["index_dir"], dict(g.search_params), g.verify, g.refresh_s,
+           {"num_actors": g.actors, "actor_cpus": g.actor_cpus} if g.distributed else None)
     embedder = None
     if p["model"] is not None:
         gpus = e.use_gpu == "true" or (e.use_gpu == "auto" and ray.is_initialized()
@@ -236,15 +237,11 @@ def start(cfg: ServeConfig) -> str:
 
     ``port=0`` picks a free port. Returns once every replica is up.
     """
-    import ray
     from ray import serve
 
     p = plan(cfg)  # before Ray starts: a bad index, model or threshold fails fast
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        # a private local cluster (not another user's `ray start`), without its dashboard
-        kwargs = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, configure_logging=False, **kwargs)
+    # RAY_ADDRESS's cluster, else a private loopback Ray (no dashboard) that dies with this process
+    init_ray(include_dashboard=False, job_name=f"serve-{Path(p['index_dir']).name}")
     port = cfg.port or free_port(cfg.host)
     serve.start(http_options={"host": cfg.host, "port": port})
     serve.run(build_app(cfg, p), name=APP_NAME, route_prefix=cfg.route_prefix,

@@ -49,10 +49,21 @@ class GalleryServeConfig:
     search_params: dict[str, Any] = field(default_factory=dict)
     # check every index file's sha256 when loading (slow for very large indexes)
     verify: bool = True
+    # serve from shard actors spread over the cluster's nodes (index.distributed.DistributedGallery)
+    # instead of one Gallery inside the replica: for a gallery larger than one machine's memory
+    distributed: bool = False
+    # shard actors when distributed (0: one per alive node), and the CPUs (FAISS threads) of each
+    actors: int = 0
+    actor_cpus: float = 1.0
 
     def validate(self) -> None:
         if self.replicas < 1:
             raise ConfigError(f"replicas: {self.replicas}; must be >= 1")
+        if self.distributed and self.replicas != 1:
+            raise ConfigError(f"replicas: {self.replicas} with distributed=true; each replica would start its own "
+                              "shard actors (a copy of the gallery each): use 1")
+        if self.actors < 0 or self.actor_cpus <= 0:
+            raise ConfigError(f"actors: {self.actors}, actor_cpus: {self.actor_cpus}; need actors >= 0 and actor_cpus > 0")
         if self.num_cpus < 0:
             raise ConfigError(f"num_cpus: {self.num_cpus}; must be >= 0")
         if self.refresh_s <= 0:

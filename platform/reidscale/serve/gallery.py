@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from reidscale.index.distributed import DistributedGallery
 from reidscale.index.gallery import Gallery
 from reidscale.index.metric import larger_is_closer
 
@@ -117,8 +118,14 @@ class GalleryService:
     """The gallery deployment's logic, testable without Ray: search, enrol, remove, info."""
 
     def __init__(self, index_dir: str, *, search_params: dict | None = None, verify: bool = True,
-                 refresh_s: float = 1.0):
-        self.gallery = Gallery(index_dir, verify=verify, search_params=search_params)
+                 refresh_s: float = 1.0, distributed: dict | None = None):
+        """``distributed``: ``DistributedGallery`` options (num_actors, actor_cpus): the vectors live in
+        shard actors over the cluster's nodes, this replica holds the metadata; None: one ``Gallery`` here."""
+        if distributed is None:
+            self.gallery = Gallery(index_dir, verify=verify, search_params=search_params)
+        else:
+            self.gallery = DistributedGallery(index_dir, verify=verify, search_params=search_params, **distributed)
+        self.distributed = distributed is not None
         self.lock = ReadWriteLock()
         self.refresh_s = refresh_s
         self._checked = time.monotonic()
@@ -137,9 +144,12 @@ class GalleryService:
     def info(self) -> dict:
         with self.lock.read():
             m = self.gallery.manifest
+            identity, _ = self.gallery.live_labels()
             return {"generation": self.gallery.generation, "vectors": int(self.gallery.ntotal),
+                    "identities": int(np.unique(identity).size),
                     "dim": self.gallery.dim, "metric": self.gallery.metric, "factory": m.get("factory"),
                     "shards": len(m["shards"]), "model_sha256": m.get("model_sha256", ""),
+                    "shard_actors": len(self.gallery.actors) if self.distributed else 0,
                     "gallery_pid": os.getpid()}
 
     def search(self, queries: np.ndarray, k: int, cameras=None, exclude_camera=None) -> dict:
@@ -188,10 +198,11 @@ def gallery_deployment():
 
     @serve.deployment(name="gallery", max_ongoing_requests=64)
     class GalleryDeployment:
-        def __init__(self, index_dir: str, search_params: dict, verify: bool, refresh_s: float):
+        def __init__(self, index_dir: str, search_params: dict, verify: bool, refresh_s: float,
+                     distributed: dict | None = None):
             logging.basicConfig(level=logging.INFO)
             self.service = GalleryService(index_dir, search_params=search_params, verify=verify,
-                                          refresh_s=refresh_s)
+                                          refresh_s=refresh_s, distributed=distributed)
 
         # FAISS releases the GIL: searches in threads run in parallel; the event loop stays free
         async def info(self) -> dict:

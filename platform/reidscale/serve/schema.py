@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
+
+
+# Row ids and identities are int64 columns, cameras int32: a larger JSON integer must be refused
+# here (422 naming the field), not reach numpy as an OverflowError (a 500).
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Camera = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class InputError(ValueError):
@@ -26,9 +32,9 @@ class SearchRequest(BaseModel):
     images: list[str] | None = Field(None, description="base64-encoded image files (JPEG/PNG/...)")
     vectors: list[list[float]] | None = Field(None, description="query embeddings, each of the gallery's dim")
     k: int = Field(10, description="distinct identities per query")
-    query_cameras: list[int] | None = Field(None, description="camera id of each query image (SIE models need it)")
-    cameras: list[int] | None = Field(None, description="only match gallery images from these cameras")
-    exclude_camera: int | None = Field(None, description="never match gallery images from this camera")
+    query_cameras: list[Camera] | None = Field(None, description="camera id of each query image (SIE models need it)")
+    cameras: list[Camera] | None = Field(None, description="only match gallery images from these cameras")
+    exclude_camera: Camera | None = Field(None, description="never match gallery images from this camera")
 
 
 class Match(BaseModel):
@@ -54,8 +60,8 @@ class SearchResponse(BaseModel):
 class EnrolRequest(BaseModel):
     images: list[str] | None = Field(None, description="base64-encoded image files")
     vectors: list[list[float]] | None = None
-    identity: int | Literal["new"] = Field(description='an identity id, or "new": the service assigns an unused one')
-    cameras: list[int] | None = Field(None, description="camera id of each item (stored; SIE models need it)")
+    identity: Int64 | Literal["new"] = Field(description='an identity id, or "new": the service assigns an unused one')
+    cameras: list[Camera] | None = Field(None, description="camera id of each item (stored; SIE models need it)")
     paths: list[str] | None = Field(None, description="a label per item, stored as its path")
 
 
@@ -66,7 +72,7 @@ class EnrolResponse(BaseModel):
 
 
 class DeleteRowsRequest(BaseModel):
-    row_ids: list[int]
+    row_ids: list[Int64]
 
 
 class DeleteResponse(BaseModel):
