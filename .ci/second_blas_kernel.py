@@ -11,8 +11,9 @@ import platform
 import numpy  # noqa: F401  (loads numpy's OpenBLAS, so threadpoolctl sees it)
 from threadpoolctl import threadpool_info
 
-kernels = [i.get("architecture") or "" for i in threadpool_info()
-           if i.get("internal_api") == "openblas" and "numpy" in i.get("filepath", "")]
+# only numpy is imported here, so an OpenBLAS loaded is numpy's: its wheel's copy (under numpy.libs)
+# or, for a system numpy, the system's libopenblas. MKL or Accelerate list none: nothing printed.
+kernels = [i.get("architecture") or "" for i in threadpool_info() if i.get("internal_api") == "openblas"]
 if kernels and platform.machine().lower() in ("x86_64", "amd64"):
     # Haswell (AVX2) runs on every x86-64 CPU of the last decade; Sandybridge (AVX) if Haswell is the default
     print("Sandybridge" if kernels[0].lower() == "haswell" else "Haswell")

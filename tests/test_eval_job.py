@@ -12,6 +12,7 @@ import pytest
 from reidscale.evaluate import evaluate_reid, roc_from_features, tar_at_far, threshold_at_far
 from reidscale.evaluate.job import EvalJobConfig, _gallery_embeddings, overlay_plots, score_embeddings, through_index_metrics
 from reidscale.evaluate.open_set import score_threshold
+from reidscale.evaluate.plots import legend_texts
 from reidscale.index.build import build_index
 from reidscale.index.gallery import Gallery
 from reidscale.index.manifest import GalleryError
@@ -121,6 +122,13 @@ def test_overlay_figures_hold_every_evaluated_model(tmp_path):
         score_embeddings(cfg, qq, meta(q_ids, q_cams), gg, meta(g_ids, g_cams), "m" * 64, tmp_path / "eval" / label)
     paths = overlay_plots(tmp_path, {"untrained": {}, "trained": {}})
     assert [p.name for p in paths] == ["cmc_all.png", "roc_all.png"] and all(p.stat().st_size > 0 for p in paths)
+    # the curves drawn, as the figures' legends hold them: one per model, each named by its label
+    cmc_legend, roc_legend = (legend_texts(p) for p in paths)
+    assert [t.split(":")[0] for t in cmc_legend] == ["untrained", "trained"], cmc_legend
+    assert roc_legend == ["untrained", "trained"]
+    # a model without its metrics.json is left out, so the figure then holds one curve
+    (tmp_path / "eval" / "untrained" / "metrics.json").unlink()
+    assert [legend_texts(p) for p in overlay_plots(tmp_path, {"untrained": {}, "trained": {}})][1] == ["trained"]
     roc = json.loads((tmp_path / "eval" / "trained" / "metrics.json").read_text())["roc"]
     exact = roc_from_features(q, g, q_ids, g_ids, q_cams, g_cams, metric="cosine")
     i = roc["far"].index(min(roc["far"], key=lambda f: abs(f - 1e-2)))

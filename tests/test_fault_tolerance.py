@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_recovery import _runs as mlflow_runs  # (run id, status) of every run in a run dir's mlflow.db
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = [
@@ -105,3 +106,10 @@ def test_resume_from_an_incomplete_checkpoint_fails_loudly(tmp_path, data_dir):
     )
     assert proc.returncode != 0
     assert "never completed" in proc.stderr
+    # an error a user can act on: one line naming the checkpoint, last, and no traceback
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert str(broken) in last and "never completed" in last, proc.stderr[-3000:]
+    # the MLflow run it may have opened is marked failed, not left RUNNING (or none was opened)
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "mlflow.db").exists() or all(s != "RUNNING" for _, s in mlflow_runs(run_dir))

@@ -18,8 +18,20 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120)
+    # the legend's texts also go into the PNG's text chunk "Legend" (one per line), so a test or a
+    # script can tell which curves a figure holds (every model of an overlay) without reading pixels
+    legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    fig.savefig(path, dpi=120, metadata={"Legend": "\n".join(legends)} if legends else None)
     return path
+
+
+def legend_texts(path: str | Path) -> list[str]:
+    """The legend entries a figure written here was drawn with (from its PNG text chunk)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get("Legend", "")
+    return text.splitlines()
 
 
 def plot_distance_histograms(genuine: np.ndarray, impostor: np.ndarray, path: str | Path, *,

@@ -276,7 +276,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         extra["embeddings_source"] = cfg.embeddings
     else:
         if not (Path(cfg.model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"model_dir {cfg.model_dir}: no exported embedding model (run the training job first)")
+            raise FileNotFoundError(f"model_dir {cfg.model_dir}: not an exported embedding model; {exported.MADE_BY}")
         model_sha = exported.model_sha(cfg.model_dir)
         emb_dir = out_dir / "embeddings"
         embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)

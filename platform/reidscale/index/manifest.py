@@ -27,6 +27,8 @@ INDEX_FORMAT = "reidscale-index-v2"
 # v1 (no generations, add/remove) is read as generation 0
 READABLE_FORMATS = ("reidscale-index-v1", INDEX_FORMAT)
 MANIFEST = "manifest.json"
+# what a "no index here" error tells the user to run (re-running it also finishes an interrupted build)
+BUILT_BY = "build it with python jobs/build_index.py model_dir=... out_dir=..."
 
 
 class GalleryError(ValueError):
@@ -48,8 +50,10 @@ def write_table(table, path: str | Path) -> str:
 def read_manifest(directory: str | Path) -> dict:
     """The published manifest of an index directory, or a GalleryError saying why not."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise GalleryError(f"{Path(directory)}: no index directory; {BUILT_BY}")
     if not path.is_file():
-        raise GalleryError(f"{Path(directory)}: no {MANIFEST}; the index was never completed")
+        raise GalleryError(f"{Path(directory)}: no {MANIFEST}; the index was never completed; {BUILT_BY}")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

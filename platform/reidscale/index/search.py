@@ -11,6 +11,7 @@ import numpy as np
 
 from reidscale import atomic
 from reidscale.config import ConfigError
+from reidscale.index import manifest as store
 from reidscale.index.metric import eval_metric_for, larger_is_closer
 
 
@@ -57,7 +58,8 @@ class SearchJobConfig:
         for name in ("index_dir", "vectors", "data_dir"):
             value = getattr(self, name)
             if value and not Path(value).exists():
-                raise ConfigError(f"{name}: {value} does not exist")
+                remedy = f"; {store.BUILT_BY}" if name == "index_dir" else ""
+                raise ConfigError(f"{name}: {value} does not exist{remedy}")
 
 
 def distances(scores: np.ndarray, metric: str) -> np.ndarray:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# what a "not an exported model" error tells the user to run: the training job exports one
+MADE_BY = "exported models are made by python jobs/train_clipreid.py (<run_dir>/models/trained, models/best)"
+
 
 def read_export_config(model_dir: str | Path) -> dict:
     """The parsed ``config.json`` of an export; FileNotFoundError naming the directory if it has none."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"model_dir {model_dir}: no config.json; not an exported embedding model")
+        raise FileNotFoundError(f"model_dir {model_dir}: no config.json; not an exported embedding model; {MADE_BY}")
     return json.loads(config_file.read_text())
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from reidscale import atomic
 from reidscale.data.transforms import TransformConfig
+from reidscale.models import exported
 from reidscale.models.backbone import ModelConfig, build_backbone
 from reidscale.models.classifier import LinearClassifier, PartialFC, sampled_targets
 from reidscale.models.sharded_fc import NeckOutput
@@ -192,7 +193,7 @@ def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; not an exported embedding model")
+        raise FileNotFoundError(f"{path}: no config.json; not an exported embedding model; {exported.MADE_BY}")
     config = json.loads(config_file.read_text())
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_file}: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
