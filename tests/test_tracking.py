@@ -45,3 +45,31 @@ def test_dataset_counts_and_skipped_images_reach_mlflow(tmp_path):
     assert logged["data_train_images"] == 90 and logged["data_query_identities"] == 5
     # a clean set says so explicitly instead of leaving the metric out
     assert tracking.dataset_metrics({"splits": {}})["data_skipped_images"] == 0
+
+
+def test_system_metrics_land_in_the_run_under_system_names(tmp_path):
+    """tracking.system_metrics around a short stretch of work logs MLflow's monitor samples
+    (``system/cpu_utilization_percentage``, memory, ...) into the run, named as MLflow names them."""
+    import time
+
+    uri = tracking.tracking_uri(TrackingConfig(), tmp_path)
+    run_id = tracking.start_run(uri, "exp", "train-sysmetrics")
+    monitor = tracking.system_metrics(run_id, uri, interval_s=0.2)
+    assert monitor is not None, "system metrics monitor did not start (psutil missing?)"
+    time.sleep(1.5)
+    monitor.finish()
+    c = tracking.client(uri)
+    keys = set(c.get_run(run_id).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage"} <= keys, keys
+    assert all(k.startswith("system/") and "system/system/" not in k for k in keys), keys
+    steps = [m.step for m in c.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 2 and steps == sorted(steps), steps
+
+
+def test_metric_keys_reach_mlflow_in_its_allowed_characters(tmp_path):
+    uri = tracking.tracking_uri(TrackingConfig(), tmp_path)
+    run_id = tracking.start_run(uri, "exp", "r")
+    c = tracking.client(uri)
+    tracking.log_metrics(c, run_id, {"tar@far=0.001": 0.9, "train_id_accuracy": 0.5})
+    assert set(c.get_run(run_id).data.metrics) == {"tar_at_far_0.001", "train_id_accuracy"}

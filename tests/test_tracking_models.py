@@ -4,6 +4,7 @@ inputs, the experiment opening in the model-training view."""
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,8 +64,6 @@ def test_logged_and_registered_model_loads_back_to_the_same_embeddings(store):
     assert meta.saved_input_example_info is not None
     # the model's files are the export's safetensors + config.json, and no pickle anywhere
     local = mlflow.artifacts.download_artifacts(info["model_uri"], dst_path=str(tmp_path / "dl"))
-    from pathlib import Path
-
     files = {p.name for p in Path(local).rglob("*") if p.is_file()}
     assert {"model.safetensors", "config.json"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
@@ -99,3 +98,65 @@ def test_experiment_is_tagged_for_the_model_training_view(store):
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("exp")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_log_models_logs_last_and_best_and_registers_best_with_its_lineage(store):
+    """train/job.log_models on a run dir holding models/trained and models/best (different
+    weights), with tracking.register_as: both are logged models of the run, each loads back to
+    its own weights' embeddings, and only best becomes the registered version."""
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from reidscale.atomic import sha256_file
+    from reidscale.models.exported import model_sha, read_export_config
+    from reidscale.train.config import TrainJobConfig
+    from reidscale.train.job import log_models
+
+    uri, run_id, tmp_path = store
+    run_dir, data_dir = tmp_path / "run", tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "manifest.json").write_text(json.dumps({"splits": {}, "num_classes": 4}))
+    dirs = {}
+    for seed, (name, sub) in enumerate((("model-last", "trained"), ("model-best", "best"))):
+        torch.manual_seed(seed)
+        dirs[name] = export_embedding_model(build_reid_model(TINY, SIZE, 4).embedding, TINY, SIZE,
+                                            run_dir / "models" / sub)
+    assert model_sha(dirs["model-last"]) != model_sha(dirs["model-best"])
+    cfg = TrainJobConfig(run_dir=str(run_dir), data_dir=str(data_dir), recipe="baseline",
+                         tracking=tracking.TrackingConfig(uri=uri, register_as="reid-embedder"))
+
+    # log_models reads only cfg (its TrainInputs argument is unused)
+    logged = log_models(cfg, run_id, uri, None)
+    assert mlflow.active_run() is None  # logged against the given run, not a global active one
+
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    models = c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    by_name = {m.name: m for m in models}
+    assert set(by_name) == {"model-last", "model-best"}
+    assert {o.model_id for o in run.outputs.model_outputs} == {m.model_id for m in models}
+
+    images = [_jpeg(i) for i in range(4)]
+    for name, directory in dirs.items():
+        expected, ok = embed_images(directory, images)
+        assert ok.all()
+        got = np.asarray(mlflow.pyfunc.load_model(logged[name]["model_uri"]).predict(pd.DataFrame({"image": images})))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        # what loading needs is declared with the model (torch & co., not an empty list)
+        reqs = Path(mlflow.pyfunc.get_model_dependencies(logged[name]["model_uri"])).read_text()
+        assert "torch==" in reqs and "safetensors==" in reqs, reqs
+
+    assert logged["model-last"]["version"] is None
+    version = c.get_model_version("reid-embedder", str(logged["model-best"]["version"]))
+    assert [v.version for v in c.search_model_versions("name = 'reid-embedder'")] == [version.version]
+    # a SQLite store leaves ModelVersion.model_id empty; the source names the logged model
+    assert by_name["model-best"].model_id in version.source and version.run_id == run_id
+    assert version.tags == {"weights_sha256": model_sha(dirs["model-best"]),
+                            "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
+                            "recipe": "baseline", "reidscale.train_run_id": run_id}
+    link = f"reid-embedder/{version.version}"
+    assert run.data.tags["reidscale.model_versions"] == link
+    # evaluate/build_index reach the same version and run from the export's config
+    lineage = tracking.lineage_tags(c, {**read_export_config(dirs["model-best"]), "mlflow_run_id": run_id})
+    assert lineage["reidscale.model_versions"] == link and lineage["reidscale.train_run_id"] == run_id

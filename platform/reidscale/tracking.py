@@ -256,17 +256,44 @@ def log_embedding_model(uri: str, run_id: str, model_dir: str | Path, name: str,
     import pandas as pd
 
     example = pd.DataFrame({"image": [buf.getvalue()], "camera": [0]})
-    code = Path(__file__).resolve().parent / "models" / "mlflow_pyfunc.py"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=str(code), artifacts={"embedding_model": str(model_dir)},
-            signature=signature, input_example=example, registered_model_name=register_as or None,
-            pip_requirements=[], tags={k: str(v) for k, v in (tags or {}).items()},
-        )
+    package = Path(__file__).resolve().parent
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    c = client(uri)
+    run = c.get_run(run_id)
+    # the logged model is created here, in the run's experiment: without an active run
+    # (never started here, see the module docstring) MLflow would file it under the default one
+    logged = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, tags=str_tags,
+                                   params=run.data.params)
+    info = mlflow.models.Model.log(
+        artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, name=name,
+        python_model=str(package / "models" / "mlflow_pyfunc.py"), artifacts={"embedding_model": str(model_dir)},
+        # the model's code imports reidscale: ship the package it was logged with, so loading
+        # works without reidscale installed and runs the code that matches these weights
+        code_paths=[str(package)], pip_requirements=pyfunc_requirements(),
+        signature=signature, input_example=example, registered_model_name=register_as or None, tags=str_tags,
+    )
     version = getattr(info, "registered_model_version", None)
     if register_as and version is not None:
-        c = client(uri)
-        for key, value in (tags or {}).items():
-            c.set_model_version_tag(register_as, str(version), key, str(value))
+        for key, value in str_tags.items():
+            c.set_model_version_tag(register_as, str(version), key, value)
+        # the same "NAME/VERSION,..." tag lineage_tags puts on evaluate/build_index runs
+        links = run.data.tags.get("reidscale.model_versions", "").split(",")
+        c.set_tag(run_id, "reidscale.model_versions",
+                  ",".join(sorted({v for v in links if v} | {f"{register_as}/{version}"})))
     return {"model_uri": info.model_uri, "version": version}
+
+
+# what loading the pyfunc imports (reidscale.embed -> models/reid: torch, open_clip, transformers
+# backbones; pyarrow/yaml at import); mlflow itself MLflow adds on its own
+PYFUNC_PACKAGES = ("torch", "torchvision", "open-clip-torch", "timm", "transformers", "safetensors", "numpy",
+                   "pillow", "pyarrow", "pyyaml")
+
+
+def pyfunc_requirements() -> list[str]:
+    """``PYFUNC_PACKAGES`` pinned to the versions this model was logged with (public part: a
+    ``+cpu`` local build tag is not on PyPI)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return [f"{name}=={Version(version(name)).public}" for name in PYFUNC_PACKAGES]
