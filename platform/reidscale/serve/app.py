@@ -22,6 +22,7 @@ import numpy as np
 
 from reidscale.index.gallery import resolve_model_dir
 from reidscale.index.manifest import read_manifest
+from reidscale.ray_runtime import resolve_use_gpu
 # at module level: FastAPI resolves the (string) annotations of the routes against these globals
 from reidscale.serve import schema as s
 from reidscale.serve.config import ServeConfig, config_from_args
@@ -209,8 +210,7 @@ def build_app(cfg: ServeConfig, plan_: dict | None = None):
     ).bind(p["index_dir"], dict(g.search_params), g.verify, g.refresh_s)
     embedder = None
     if p["model"] is not None:
-        gpus = e.use_gpu == "true" or (e.use_gpu == "auto" and ray.is_initialized()
-                                       and ray.cluster_resources().get("GPU", 0) > 0)
+        gpus = resolve_use_gpu(e.use_gpu)
         embedder = embedder_deployment().options(
             num_replicas=e.replicas,
             # each image is one call: a replica must accept a whole batch's worth at once to batch at all

@@ -13,7 +13,7 @@ from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
 from reidscale.data.pipeline import row_groups
 from reidscale.models import exported
-from reidscale.ray_runtime import cluster_has_gpus, init_ray
+from reidscale.ray_runtime import init_ray, resolve_use_gpu
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
@@ -123,7 +123,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
     log.info(f"  view it with: {tracking.ui_command(uri)}")
     try:
         init_ray(job_name=f"train-{cfg.run_name}")
-        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
+        use_gpu = resolve_use_gpu(cfg.train.use_gpu)
         plan = WorkerPlan(
             cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
             stage1_steps_per_epoch=math.ceil(sum(g[2] for g in inputs.row_groups)
