@@ -11,7 +11,7 @@ from pathlib import Path
 from reidscale import atomic, tracking
 from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
-from reidscale.data.pipeline import row_groups
+from reidscale.data.pipeline import RowGroup, row_groups
 from reidscale.models import exported
 from reidscale.ray_runtime import init_ray, resolve_use_gpu
 from reidscale.train.config import TrainJobConfig
@@ -58,7 +58,7 @@ class TrainInputs:
 
     manifest: dict
     num_classes: int
-    row_groups: list
+    row_groups: list[RowGroup]
     steps_per_epoch: int
     resume: ResumePoint
 
@@ -126,7 +126,7 @@ def run_training(cfg: TrainJobConfig) -> dict:
         use_gpu = resolve_use_gpu(cfg.train.use_gpu)
         plan = WorkerPlan(
             cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
-            stage1_steps_per_epoch=math.ceil(sum(g[2] for g in inputs.row_groups)
+            stage1_steps_per_epoch=math.ceil(sum(g.rows for g in inputs.row_groups)
                                              / (cfg.train.num_workers * cfg.clipreid.stage1_batch)),
             row_groups=inputs.row_groups, run_id=run_id, tracking_uri=uri,
             resume_path=inputs.resume.path, stale_checkpoints=inputs.resume.existing,
