@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from reidscale import atomic, tracking
 from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
@@ -33,8 +35,6 @@ def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
 
 def estimate_steps_per_epoch(data_dir: str, p: int, k: int, num_workers: int) -> int:
     """Steps the P×K batcher takes per epoch: each identity fills ceil(n/K) K-slots."""
-    import numpy as np
-
     identities = shards.read_metadata(data_dir, "train").column("identity").to_numpy()
     _, counts = np.unique(identities, return_counts=True)
     rows = int((np.ceil(counts / k) * k).sum())
@@ -170,8 +170,6 @@ def run_training(cfg: TrainJobConfig) -> dict:
 def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) -> dict:
     """models/trained (as ``model-last``) and models/best (``model-best``) as MLflow pyfunc models;
     with ``tracking.register_as`` the best one (the last without validation) becomes a new version."""
-    from reidscale.atomic import sha256_file
-
     models = Path(cfg.run_dir) / "models"
     best = models / "best"
     registered = best if best.is_dir() else models / "trained"
@@ -180,7 +178,7 @@ def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) 
         if not directory.is_dir():
             continue
         weights = exported.model_sha(directory)
-        tags = {"weights_sha256": weights, "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
+        tags = {"weights_sha256": weights, "data_manifest_sha256": atomic.sha256_file(Path(cfg.data_dir) / "manifest.json"),
                 "recipe": cfg.recipe, "reidscale.train_run_id": run_id}
         register = cfg.tracking.register_as if directory == registered else ""
         out[name] = tracking.log_embedding_model(uri, run_id, directory, name, register_as=register, tags=tags)
