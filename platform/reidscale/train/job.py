@@ -15,7 +15,7 @@ from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
 from reidscale.data.pipeline import RowGroup, row_groups
 from reidscale.models import exported
-from reidscale.ray_runtime import init_ray, resolve_use_gpu
+from reidscale.ray_runtime import init_ray, resolve_use_gpu, train_logging_config
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
@@ -219,6 +219,9 @@ def build_trainer(plan: WorkerPlan, use_gpu: bool):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env=omp_env(cfg.train.cpus_per_worker),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker-group start, per-report chatter) at WARNING
+            # unless REIDSCALE_RAY_VERBOSE; it filters only ray.train records, not our progress lines
+            logging_config=train_logging_config(),
         ),
     )
 
