@@ -171,10 +171,10 @@ def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path
     import ray.data
 
     from reidscale.data.pipeline import decoded, read_split
-    from reidscale.ray_runtime import init_ray
+    from reidscale.ray_runtime import init_ray, resolve_use_gpu
 
     init_ray(job_name=job_name)
-    use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
     cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     # the caller's tqdm bar reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False

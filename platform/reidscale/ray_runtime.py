@@ -188,13 +188,15 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
 
 
 def cluster_has_gpus() -> bool:
+    """Whether the Ray this process joined has GPUs; False without one (serve builds apps before Ray starts)."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
 def resolve_use_gpu(setting: str) -> bool:
-    """The ``use_gpu`` rule of every job: ``true``/``false`` as said, ``auto`` = the cluster has GPUs."""
+    """The ``use_gpu`` rule of every job: ``true``/``false`` as said, ``auto`` = the cluster has GPUs
+    (none when this process has not started or joined Ray)."""
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"use_gpu: {setting!r} is not one of auto, true, false")
     return setting == "true" or (setting == "auto" and cluster_has_gpus())

@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,7 @@ from reidscale.index.metric import check_gallery_metric, faiss_metric
 from reidscale.index.rows import RowRange
 from reidscale.index.vectors import check_vectors
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Exact search while it is cheap: 131k × 512-d is ~1.3 ms/query on 2 cores.
 FLAT_MAX_ROWS = 1 << 17
@@ -187,7 +188,7 @@ def fill_shard_file(out_dir: str | Path, name: str, trained: dict, vectors, lo: 
         "input_sha256": input_sha256,
         "sha256": store.write_index(index, out_dir / name),
     }
-    _log.info("%s: filled %d vectors", out_dir / name, entry["ntotal"])
+    log.info("%s: filled %d vectors", out_dir / name, entry["ntotal"])
     return entry
 
 
@@ -198,9 +199,10 @@ def _on_node(fn, *args):
     return ray.get_runtime_context().get_node_id(), fn(*args)
 
 
-def _run_each(fn, calls: list[tuple], ray_tasks: bool):
+def _run_each(fn, calls: list[tuple], ray_tasks: bool, job_name: str = ""):
     """Yield ``(i, node, fn(*calls[i]))``: here, in order (node ""), or as Ray tasks spread over
-    the nodes, in the order they finish. An ``np.ndarray`` argument is put in Ray's object store once."""
+    the nodes, in the order they finish. An ``np.ndarray`` argument is put in Ray's object store once.
+    ``job_name`` names the Ray job if this starts or joins Ray (the dashboard's Name column)."""
     if not ray_tasks:
         for i, args in enumerate(calls):
             yield i, "", fn(*args)
@@ -209,7 +211,7 @@ def _run_each(fn, calls: list[tuple], ray_tasks: bool):
 
     from reidscale.ray_runtime import init_ray
 
-    init_ray()
+    init_ray(job_name=job_name)
     shared: dict[int, object] = {}
 
     def ref(a):
@@ -262,7 +264,7 @@ def build_index(
     model_dir: str | Path | None = None,
     source: str = "gallery vectors",
     shard_tasks: bool = False,
-    log=print,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Build ``num_shards`` shards over rows in ``metadata`` order; return the manifest.
 
@@ -276,6 +278,9 @@ def build_index(
     ``shard_tasks``: check, hash and fill each shard in a Ray task (``init_ray`` joins
     ``RAY_ADDRESS`` or starts a private Ray); the manifest's ``fill`` says on which node.
 
+    ``log``: where the build's progress lines go (trained, reused, calibrated, kept); default
+    this module's logger at INFO, so the job's logging setup decides what reaches the console.
+
     ``vectors`` (N×D float32: an array, a ``np.memmap``, or an ``index.rows`` source that
     reads rows from files as asked) row i belongs to ``metadata`` row i,
     whose ``row_id`` is the id stored in FAISS. Shards are contiguous row ranges. A
@@ -283,8 +288,11 @@ def build_index(
     (with any later ``add``/``remove``); shards finished by an interrupted build of the
     same inputs are kept.
     """
+    logger = logging.getLogger(__name__)  # the ``log`` parameter shadows the module logger here
+    say = log or logger.info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    job_name = f"build_index-{out_dir.name}"  # as jobs/build_index.py names its embedding step
     ids = _checked_ids(vectors, metadata, metric, source)
     if calibration is not None:
         calibration.validate()
@@ -298,12 +306,12 @@ def build_index(
     ranges = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
     shard_inputs = [""] * num_shards
     for s, _, digest in _run_each(shard_digest, [(vectors, lo, hi, ids[lo:hi], metric, source) for lo, hi in ranges],
-                                  shard_tasks):
+                                  shard_tasks, job_name):
         shard_inputs[s] = digest
     build_key = hashlib.sha256(json.dumps(
         [factory, metric, model_sha256, int(dim), train_size, shard_inputs, _table_hash(metadata)]).encode()).hexdigest()
 
-    done = _finished_build(out_dir, build_key, calibration, calibration_queries, search_params, log)
+    done = _finished_build(out_dir, build_key, calibration, calibration_queries, search_params, say)
     if done is not None:
         return done
 
@@ -312,9 +320,9 @@ def build_index(
     if partial.get("build_key") != build_key:
         partial = {"build_key": build_key, "shards": {}}
     (out_dir / store.MANIFEST).unlink(missing_ok=True)  # from here on the directory is an unfinished build
-    trained = _trained_index(out_dir, partial, vectors, factory, metric, train_size, log)
+    trained = _trained_index(out_dir, partial, vectors, factory, metric, train_size, say)
     shard_entries, nodes = _filled_shards(out_dir, partial, trained, vectors, ids, ranges, shard_inputs, factory,
-                                          shard_tasks)
+                                          shard_tasks, job_name)
     meta_sha = store.write_table(metadata, out_dir / "metadata.parquet")
     manifest = {
         "format": store.INDEX_FORMAT,
@@ -340,10 +348,10 @@ def build_index(
     }
     if calibration is not None and not search_params:
         if shard_tasks:
-            _log.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
-                         "actors); give search_params or calibration=None for a gallery larger than its memory",
-                         out_dir)
-        manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, log)
+            logger.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
+                           "actors); give search_params or calibration=None for a gallery larger than its memory",
+                           out_dir)
+        manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, say)
     atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
     return manifest
@@ -366,7 +374,8 @@ def _checked_ids(vectors: np.ndarray, metadata: pa.Table, metric: str, source: s
     return ids
 
 
-def _finished_build(out_dir: Path, build_key: str, calibration, calibration_queries, search_params, log) -> dict | None:
+def _finished_build(out_dir: Path, build_key: str, calibration, calibration_queries, search_params,
+                    say: Callable[[str], None]) -> dict | None:
     """The manifest of a complete index of the same inputs already in ``out_dir`` (recalibrated
     when the calibration settings changed), or None when there is something to build."""
     try:
@@ -375,38 +384,39 @@ def _finished_build(out_dir: Path, build_key: str, calibration, calibration_quer
         return None
     if current.get("build_key") != build_key:
         return None
-    log(f"index {out_dir}: already built from these inputs (generation {current.get('generation', 0)}); kept")
+    say(f"index {out_dir}: already built from these inputs (generation {current.get('generation', 0)}); kept")
     old = current.get("calibration") or {}
     if calibration is not None and not search_params and (
             calibration_queries is not None
             or any(old.get(f) != v for f, v in vars(calibration).items() if f != "sample")):
         from reidscale.index.gallery import Gallery  # gallery.py imports this module
 
-        log(f"index {out_dir}: calibration settings changed; recalibrating")
+        say(f"index {out_dir}: calibration settings changed; recalibrating")
         Gallery(out_dir).calibrate(calibration_queries, calibration)
         return store.read_manifest(out_dir)
     return current
 
 
 def _trained_index(out_dir: Path, partial: dict, vectors: np.ndarray, factory: str, metric: str, train_size: int,
-                   log) -> dict:
+                   say: Callable[[str], None]) -> dict:
     """The manifest entry of ``trained.faiss``, the trained empty index: an interrupted build's,
     if intact, else trained now (on a sample: only the sample is read)."""
     trained = partial.get("trained")
     if trained and _intact(out_dir, trained):
-        log(f"index {out_dir}: reusing trained {factory} from the interrupted build")
+        say(f"index {out_dir}: reusing trained {factory} from the interrupted build")
         return trained
     t_train = time.time()
     empty = train_empty_index(vectors, factory, metric, train_size=train_size)
     trained = {"file": "trained.faiss", "sha256": store.write_index(empty, out_dir / "trained.faiss")}
     partial["trained"] = trained
     atomic.write_json(out_dir / "manifest.partial.json", partial)
-    log(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
+    say(f"index {out_dir}: trained {factory} in {time.time() - t_train:.1f}s")
     return trained
 
 
 def _filled_shards(out_dir: Path, partial: dict, trained: dict, vectors, ids: np.ndarray, ranges: list[tuple[int, int]],
-                   shard_inputs: list[str], factory: str, shard_tasks: bool) -> tuple[list[dict], dict]:
+                   shard_inputs: list[str], factory: str, shard_tasks: bool,
+                   job_name: str = "") -> tuple[list[dict], dict]:
     """(manifest entries, node per shard filled by a Ray task): each row range filled by
     ``fill_shard_file``; a shard an interrupted build of the same rows finished (and that is
     intact) is kept. Each finished shard is recorded in the partial manifest at once, so a crash
@@ -427,7 +437,7 @@ def _filled_shards(out_dir: Path, partial: dict, trained: dict, vectors, ids: np
     nodes = {}
     with tqdm(total=len(ids), desc=f"index {factory}", unit="vec", mininterval=2.0) as bar:
         bar.update(sum(hi - lo for s, (lo, hi) in enumerate(ranges) if entries[s] is not None))
-        for i, node, entry in _run_each(fill_shard_file, calls, shard_tasks):
+        for i, node, entry in _run_each(fill_shard_file, calls, shard_tasks, job_name):
             s = todo[i]
             entries[s] = entry
             if node:
@@ -447,7 +457,7 @@ def _model_record(model_dir: str | Path, out_dir: Path) -> dict:
 
 
 def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndarray, spec: CalibrationSpec,
-                queries: np.ndarray | None, log) -> dict:
+                queries: np.ndarray | None, say: Callable[[str], None]) -> dict:
     """``manifest`` with calibrated ``search`` settings and the ``calibration`` report (not yet published)."""
     from reidscale.index.calibrate import plot_tradeoff
     from reidscale.index.gallery import Gallery
@@ -462,9 +472,9 @@ def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndar
             f"{params_string(report['chosen']) or '(no settings)'} recall@{spec.recall_k} {report['recall_at_k']:.4f} "
             f"recall@1 {report['recall_at_1']:.4f} {report['qps']:.0f} q/s ({len(report['tried'])} settings, "
             f"{report['time_s']:.1f}s)")
-    log(line)
+    say(line)
     if not report["reached"]:
-        log(report["message"])
+        say(report["message"])
     return {**manifest, "search": report["chosen"], "calibration": report}
 
 

@@ -140,8 +140,9 @@ class DistributedGallery:
 
         from reidscale.ray_runtime import init_ray
 
-        init_ray()  # joins RAY_ADDRESS (or starts a private Ray); nothing if Ray is up already
         self.directory = Path(directory).resolve()
+        # joins RAY_ADDRESS (or starts a private Ray); nothing if Ray is up already
+        init_ray(job_name=f"gallery-{self.directory.name}")
         self.verify, self.wait_s = verify, wait_s
         self._override = dict(search_params or {})
         self._tables: dict = {}

@@ -21,7 +21,7 @@ import numpy as np
 
 from reidscale.index.gallery import resolve_model_dir
 from reidscale.index.manifest import read_manifest
-from reidscale.ray_runtime import init_ray
+from reidscale.ray_runtime import init_ray, resolve_use_gpu
 # at module level: FastAPI resolves the (string) annotations of the routes against these globals
 from reidscale.serve import schema as s
 from reidscale.serve.config import ServeConfig, config_from_args
@@ -200,8 +200,6 @@ def _search_results(r: dict, is_new) -> list[dict]:
 
 def build_app(cfg: ServeConfig, plan_: dict | None = None):
     """The bound Serve application (ingress → embedder, gallery) for ``cfg``."""
-    import ray
-
     p = plan_ or plan(cfg)
     e, g = cfg.embedder, cfg.gallery
     gallery = gallery_deployment().options(
@@ -210,8 +208,7 @@ def build_app(cfg: ServeConfig, plan_: dict | None = None):
            {"num_actors": g.actors, "actor_cpus": g.actor_cpus} if g.distributed else None)
     embedder = None
     if p["model"] is not None:
-        gpus = e.use_gpu == "true" or (e.use_gpu == "auto" and ray.is_initialized()
-                                       and ray.cluster_resources().get("GPU", 0) > 0)
+        gpus = resolve_use_gpu(e.use_gpu)
         embedder = embedder_deployment().options(
             num_replicas=e.replicas,
             # each image is one call: a replica must accept a whole batch's worth at once to batch at all

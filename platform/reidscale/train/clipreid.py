@@ -25,6 +25,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from reidscale import atomic
+from reidscale.data.pipeline import PKStream, worker_epoch_dataset
+from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
+from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
 from reidscale.train.checkpoint import verified_file
 from reidscale.train.engine import barrier, deepspeed_config, lockstep
 from reidscale.train.schedule import lr_factor
@@ -41,7 +44,6 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
     uses its projected class token, without side information (as CLIP-ReID's stage 1 does).
     ``ctx`` is the worker's context (``loop.Worker``: plan, rank, world, device, precision).
     """
-    from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
     cfg, c = ctx.cfg, ctx.cfg.clipreid
     num_classes = ctx.plan.num_classes
     out = Path(cfg.run_dir) / "clipreid" / TEXT_FEATURES
@@ -121,9 +123,6 @@ def _stage1_engine(stage1, ctx):
 
 def _train_prompts(engine, project, ctx) -> None:
     """Stage 1's epochs: each worker's own un-augmented stream, symmetric image↔text contrastive loss."""
-    from reidscale.data.pipeline import PKStream, worker_epoch_dataset
-    from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
-
     cfg, c, rank, device = ctx.cfg, ctx.cfg.clipreid, ctx.rank, ctx.device
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",

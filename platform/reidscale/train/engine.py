@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from reidscale.models.reid import export_embedding_model
 from reidscale.models.sharded_fc import ShardedPartialFC, head_optimizer
+from reidscale.train.checkpoint import use_safe_loading
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.schedule import lr_factor
 
@@ -91,8 +92,6 @@ def stage2_schedule(cfg: TrainJobConfig, steps_per_epoch: Callable[[], int]) -> 
 def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], float], ds_config: dict, device):
     """A DeepSpeed engine around ``model`` with a LambdaLR schedule; checkpoints load without unpickling."""
     import deepspeed
-
-    from reidscale.train.checkpoint import use_safe_loading
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,

@@ -8,12 +8,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from reidscale import atomic, tracking
 from reidscale.config import dump_yaml
 from reidscale.data import preflight, shards
-from reidscale.data.pipeline import row_groups
+from reidscale.data.pipeline import RowGroup, row_groups
 from reidscale.models import exported
-from reidscale.ray_runtime import cluster_has_gpus, init_ray
+from reidscale.ray_runtime import init_ray, resolve_use_gpu, train_logging_config
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
@@ -33,8 +35,6 @@ def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
 
 def estimate_steps_per_epoch(data_dir: str, p: int, k: int, num_workers: int) -> int:
     """Steps the P×K batcher takes per epoch: each identity fills ceil(n/K) K-slots."""
-    import numpy as np
-
     identities = shards.read_metadata(data_dir, "train").column("identity").to_numpy()
     _, counts = np.unique(identities, return_counts=True)
     rows = int((np.ceil(counts / k) * k).sum())
@@ -58,7 +58,7 @@ class TrainInputs:
 
     manifest: dict
     num_classes: int
-    row_groups: list
+    row_groups: list[RowGroup]
     steps_per_epoch: int
     resume: ResumePoint
 
@@ -123,10 +123,10 @@ def run_training(cfg: TrainJobConfig) -> dict:
     log.info(f"  view it with: {tracking.ui_command(uri)}")
     try:
         init_ray(job_name=f"train-{cfg.run_name}")
-        use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
+        use_gpu = resolve_use_gpu(cfg.train.use_gpu)
         plan = WorkerPlan(
             cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
-            stage1_steps_per_epoch=math.ceil(sum(g[2] for g in inputs.row_groups)
+            stage1_steps_per_epoch=math.ceil(sum(g.rows for g in inputs.row_groups)
                                              / (cfg.train.num_workers * cfg.clipreid.stage1_batch)),
             row_groups=inputs.row_groups, run_id=run_id, tracking_uri=uri,
             resume_path=inputs.resume.path, stale_checkpoints=inputs.resume.existing,
@@ -170,8 +170,6 @@ def run_training(cfg: TrainJobConfig) -> dict:
 def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) -> dict:
     """models/trained (as ``model-last``) and models/best (``model-best``) as MLflow pyfunc models;
     with ``tracking.register_as`` the best one (the last without validation) becomes a new version."""
-    from reidscale.atomic import sha256_file
-
     models = Path(cfg.run_dir) / "models"
     best = models / "best"
     registered = best if best.is_dir() else models / "trained"
@@ -180,7 +178,7 @@ def log_models(cfg: TrainJobConfig, run_id: str, uri: str, inputs: TrainInputs) 
         if not directory.is_dir():
             continue
         weights = exported.model_sha(directory)
-        tags = {"weights_sha256": weights, "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
+        tags = {"weights_sha256": weights, "data_manifest_sha256": atomic.sha256_file(Path(cfg.data_dir) / "manifest.json"),
                 "recipe": cfg.recipe, "reidscale.train_run_id": run_id}
         register = cfg.tracking.register_as if directory == registered else ""
         out[name] = tracking.log_embedding_model(uri, run_id, directory, name, register_as=register, tags=tags)
@@ -221,6 +219,9 @@ def build_trainer(plan: WorkerPlan, use_gpu: bool):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env=omp_env(cfg.train.cpus_per_worker),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker-group start, per-report chatter) at WARNING
+            # unless REIDSCALE_RAY_VERBOSE; it filters only ray.train records, not our progress lines
+            logging_config=train_logging_config(),
         ),
     )
 

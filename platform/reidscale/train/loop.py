@@ -8,6 +8,7 @@ the process-group backend (made by the trainer) and the precision. What a recipe
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,9 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 
-from reidscale import atomic
+from reidscale import atomic, tracking
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.models.reid import export_embedding_model, side_inputs
 from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
@@ -27,6 +31,7 @@ from reidscale.train.checkpoint import verify_complete, write_rank_listing, writ
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recipes import Batch, BaselineRecipe, recipe_for, weigh
 from reidscale.train.state import EpochStats, TrainState, WorkerPlan
+from reidscale.train.validation import validate
 
 CHECKPOINT_TAG = "state"
 SHARDED_FC_DIR = "sharded_fc"  # the sharded ID head's rows and optimizer state, one logical table
@@ -70,8 +75,6 @@ def _checkpoint_to_load(plan: WorkerPlan):
     complete one, or a user's ``train.resume_from``) wins. A checkpoint this run wrote itself
     before a worker died is newer than all of them and is used as offered.
     """
-    import ray.train
-
     offered = ray.train.get_checkpoint()
     if offered is not None and Path(offered.path).name not in plan.stale_checkpoints:
         return offered
@@ -80,9 +83,6 @@ def _checkpoint_to_load(plan: WorkerPlan):
 
 def set_up(plan: WorkerPlan) -> tuple[Worker, TrainState]:
     """Context, model (and the untrained export), recipe's stage 1, engine."""
-    import ray.train
-    import ray.train.torch
-
     cfg = plan.cfg
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -140,8 +140,6 @@ def restore(w: Worker, state: TrainState) -> None:
             log.info(f"resumed from {w.checkpoint.path}: epoch {state.epoch + 1}, step {state.step_in_epoch} "
                      f"of it, global step {state.global_step}")
     if w.rank == 0:
-        from reidscale import tracking
-
         w.mlflow = tracking.client(w.plan.tracking_uri)
         w.logged_up_to = _logged_up_to(w.mlflow, w.plan.run_id, "loss")
         w.epochs_logged_up_to = _logged_up_to(w.mlflow, w.plan.run_id, "epoch")
@@ -162,11 +160,6 @@ def _epoch_centres(w: Worker, epoch: int):
     Written once per epoch by rank 0 and memory-mapped by every rank, so a run resumed in the
     middle of an epoch groups identities with the same centres the interrupted run used.
     """
-    import io
-
-    import numpy as np
-
-
     path = w.run_dir / "sampler" / f"centres-epoch{epoch:04d}.npy"
     # rank 0 decides, so that every rank enters (or skips) the ZeRO-3 gather together
     if eng.broadcast_flag(not path.exists(), w.engine.device):
@@ -187,8 +180,6 @@ def _epoch_centres(w: Worker, epoch: int):
 
 
 def save_checkpoint(w: Worker, state: TrainState, metrics: dict) -> None:
-    import ray.train
-
     with tempfile.TemporaryDirectory() as tmp:
         w.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
         if w.sharded is not None:
@@ -245,8 +236,6 @@ def epoch_metrics(metrics: dict) -> dict:
 
 def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     """One epoch of lockstep P×K steps, continuing mid-epoch after a restore."""
-    from reidscale import tracking
-
     t = w.cfg.train
     w.engine.train()
     dataset = worker_epoch_dataset(w.plan.row_groups, w.cfg.transform, epoch=epoch, seed=t.seed, rank=w.rank,
@@ -303,8 +292,6 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
 
 def validate_and_export_best(w: Worker, state: TrainState, epoch: int) -> dict:
     """Rank-1/mAP on the query/gallery split (every rank takes part); export models/best on a new best."""
-    from reidscale.train.validation import validate
-
     t0 = time.time()
     w.engine.eval()
     scores = validate(w.engine.module.embedding, w.cfg.data_dir, w.cfg.transform, rank=w.rank, world=w.world,
@@ -328,8 +315,6 @@ def validate_and_export_best(w: Worker, state: TrainState, epoch: int) -> dict:
 
 def end_epoch(w: Worker, state: TrainState, epoch: int, stats: EpochStats) -> None:
     """Decode-error tally, validation on schedule, MLflow, and the end-of-epoch checkpoint."""
-    from reidscale import tracking
-
     t = w.cfg.train
     state.decode_errors += eng.sum_over_workers(w.stream.decode_errors, w.device)
     w.stream.decode_errors = 0

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 
 from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
-from reidscale.models.reid import ReIDModel, build_reid_model
+from reidscale.models.open_clip_tower import wrap_tower
+from reidscale.models.prompt_learner import build_clip
+from reidscale.models.reid import ReIDModel, build_classifier, build_reid_model
+from reidscale.train.clipreid import run_stage1, save_text_features
 from reidscale.train.config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -115,10 +118,6 @@ class ClipReIDRecipe(BaselineRecipe):
         self.text_features: torch.Tensor | None = None
 
     def build_model(self, num_classes: int) -> ReIDModel:
-        from reidscale.models.open_clip_tower import wrap_tower
-        from reidscale.models.prompt_learner import build_clip
-        from reidscale.models.reid import build_classifier
-
         c, size = self.cfg.clipreid, (self.cfg.transform.height, self.cfg.transform.width)
         self.clip = build_clip(self.cfg.model, size, text_width=c.text_width, text_layers=c.text_layers,
                                text_heads=c.text_heads)
@@ -128,15 +127,11 @@ class ClipReIDRecipe(BaselineRecipe):
                                                                                    num_classes))
 
     def before_training(self, ctx) -> None:
-        from reidscale.train.clipreid import run_stage1
-
         # stage 1 runs the image encoder frozen, outside any engine
         self.text_features = run_stage1(self.clip, ctx, visual=self.tower).to(ctx.device)
         del self.clip.transformer  # the text tower is done; keep only what stage 2 trains
 
     def save_to_checkpoint(self, directory: Path, rank: int) -> None:
-        from reidscale.train.clipreid import save_text_features
-
         # stage 2 was trained against these: a run started from this checkpoint elsewhere
         # (train.resume_from) must use them, not learn new prompts
         if rank == 0 and self.text_features is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from reidscale.data.pipeline import RowGroup
 from reidscale.train.config import TrainJobConfig
 
 
@@ -22,8 +23,8 @@ class WorkerPlan:
     # estimated P×K steps per epoch per worker (corrected after the first epoch)
     steps_per_epoch: int
     stage1_steps_per_epoch: int
-    # (file, row group index, rows) of the train split
-    row_groups: list  # of data.pipeline.RowGroup
+    # the train split's row groups (path, group, rows), in manifest order
+    row_groups: list[RowGroup]
     run_id: str
     tracking_uri: str
     # the checkpoint to start from when Ray Train offers none newer than the run had at launch

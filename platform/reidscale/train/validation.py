@@ -9,13 +9,14 @@ import torch.distributed as dist
 
 from reidscale.data import shards
 from reidscale.data.transforms import TransformConfig
+# metrics, not the package: reidscale.evaluate also loads matplotlib for its plots
+from reidscale.evaluate.metrics import evaluate_reid
+from reidscale.models.inference import embed_encoded
 
 
 def _embed_part(model, table: pa.Table, cfg: TransformConfig, device, dtype, batch_size: int) -> np.ndarray:
     """Embeddings of ``table``'s images; an SIE model also gets each image's camera, as in
     training and in TransReID's test protocol (the query's own camera)."""
-    from reidscale.models.inference import embed_encoded
-
     if not len(table):
         return np.zeros((0, 0), np.float32)
     # no_grad, not inference mode: this model goes back to training after validation
@@ -51,8 +52,6 @@ def embed_split_distributed(model, data_dir: str, split: str, cfg: TransformConf
 
 def validate(model, data_dir: str, cfg: TransformConfig, *, rank: int, world: int, device, dtype) -> dict | None:
     """{'rank1', 'mAP', 'mINP'} on rank 0 (None elsewhere); every rank must call it."""
-    from reidscale.evaluate import evaluate_reid
-
     query = embed_split_distributed(model, data_dir, "query", cfg, rank=rank, world=world, device=device, dtype=dtype)
     gallery = embed_split_distributed(model, data_dir, "gallery", cfg, rank=rank, world=world, device=device, dtype=dtype)
     if rank != 0:
