@@ -140,16 +140,3 @@ def test_py_modules_ship_a_library_copy_that_worker_processes_import(head, tmp_p
     _, in_worker, mark, path = probe.split()
     assert in_worker == "True" and mark == marker, probe
     assert not path.startswith(str(REPO)), path
-
-
-@pytest.mark.xfail(strict=True, reason="a submission's dashboard row shows only the submission's metadata, and "
-                   "Ray's job supervisor overrides the driver's job_name with the submission id: "
-                   "init_ray(job_name=...) does not reach the Name column without --metadata-json")
-def test_submitted_job_without_metadata_is_named_by_init_ray(head):
-    env, temp_dir = head
-    submission_id = f"probe-{uuid.uuid4().hex[:6]}"
-    proc = _submit(env, "python", "-c",
-                   "from reidscale.ray_runtime import init_ray; init_ray(job_name='train-probe')",
-                   options=("--submission-id", submission_id), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (_dashboard_job(temp_dir, submission_id).get("metadata") or {}).get("job_name") == "train-probe"

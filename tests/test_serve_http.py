@@ -116,8 +116,9 @@ def post(service, path, body, **kw):
                          headers={**AUTH, "Content-Type": "application/json"}, **kw)
 
 
-def test_vector_search_equals_gallery_search_identities(service, world):
-    queries = _unit(world["vectors"][[3, 20, 100]] + 0.05 * np.random.default_rng(1).standard_normal((3, 16)))
+def _search_equals_gallery(service, world, rows: list[int], seed: int) -> None:
+    """POST /search of noisy copies of gallery ``rows`` answers what ``Gallery.search_identities`` does."""
+    queries = _unit(world["vectors"][rows] + 0.05 * np.random.default_rng(seed).standard_normal((len(rows), 16)))
     r = post(service, "/search", {"vectors": queries.tolist(), "k": 5})
     assert r.status_code == 200, r.text
     ident, score, row = Gallery(world["index_dir"]).search_identities(queries, 5)
@@ -126,6 +127,10 @@ def test_vector_search_equals_gallery_search_identities(service, world):
         assert [m["row_id"] for m in result["matches"]] == row[q].tolist()
         np.testing.assert_allclose([m["score"] for m in result["matches"]], score[q], atol=1e-5)
         assert [m["camera"] for m in result["matches"]] == (row[q] % N_CAMERAS).tolist()
+
+
+def test_vector_search_equals_gallery_search_identities(service, world):
+    _search_equals_gallery(service, world, [3, 20, 100], seed=1)
 
 
 def test_image_search_equals_in_process_embedding_then_gallery(service, world):
@@ -294,14 +299,7 @@ def test_the_service_on_shard_actors_answers_as_the_gallery_and_enrols(service, 
     try:
         info = requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()
         assert info["shard_actors"] == 2
-        queries = _unit(world["vectors"][[2, 50, 150]] + 0.05 * np.random.default_rng(4).standard_normal((3, 16)))
-        r = post(service, "/search", {"vectors": queries.tolist(), "k": 5})
-        assert r.status_code == 200, r.text
-        ident, score, row = Gallery(world["index_dir"]).search_identities(queries, 5)
-        for q, result in enumerate(r.json()["results"]):
-            assert [m["identity"] for m in result["matches"]] == ident[q].tolist()
-            assert [m["row_id"] for m in result["matches"]] == row[q].tolist()
-            np.testing.assert_allclose([m["score"] for m in result["matches"]], score[q], atol=1e-5)
+        _search_equals_gallery(service, world, [2, 50, 150], seed=4)
         v = _unit(np.random.default_rng(11).standard_normal((2, 16)))
         enrolled = post(service, "/enrol", {"vectors": v.tolist(), "identity": "new"}).json()
         found = post(service, "/search", {"vectors": v.tolist(), "k": 1}).json()
