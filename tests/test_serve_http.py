@@ -121,16 +121,22 @@ def _search_equals_gallery(service, world, rows: list[int], seed: int) -> None:
     queries = _unit(world["vectors"][rows] + 0.05 * np.random.default_rng(seed).standard_normal((len(rows), 16)))
     r = post(service, "/search", {"vectors": queries.tolist(), "k": 5})
     assert r.status_code == 200, r.text
-    ident, score, row = Gallery(world["index_dir"]).search_identities(queries, 5)
+    gallery = Gallery(world["index_dir"])
+    ident, score, row = gallery.search_identities(queries, 5)
     for q, result in enumerate(r.json()["results"]):
         assert [m["identity"] for m in result["matches"]] == ident[q].tolist()
         assert [m["row_id"] for m in result["matches"]] == row[q].tolist()
         np.testing.assert_allclose([m["score"] for m in result["matches"]], score[q], atol=1e-5)
-        assert [m["camera"] for m in result["matches"]] == (row[q] % N_CAMERAS).tolist()
+        # rows enrolled by earlier tests (camera -1 when none was given) may be among the hits
+        assert [m["camera"] for m in result["matches"]] == gallery.cameras(row[q]).tolist()
+        assert [m["path"] for m in result["matches"]] == gallery.paths(row[q]).tolist()
 
 
 def test_vector_search_equals_gallery_search_identities(service, world):
     _search_equals_gallery(service, world, [3, 20, 100], seed=1)
+    # first in the module, before any enrolment: every hit is a built row, camera = row % N_CAMERAS
+    r = post(service, "/search", {"vectors": world["vectors"][[3, 20, 100]].tolist(), "k": 5}).json()
+    assert all(m["camera"] == m["row_id"] % N_CAMERAS for q in r["results"] for m in q["matches"])
 
 
 def test_image_search_equals_in_process_embedding_then_gallery(service, world):
