@@ -14,7 +14,7 @@ from reidscale.config import ConfigError
 from reidscale.index.build import build_index
 from reidscale.index.gallery import Gallery
 from reidscale.serve import schema
-from reidscale.serve.config import ServeConfig, config_from_args
+from reidscale.serve.config import EmbedderConfig, GalleryServeConfig, ServeConfig, config_from_args
 from reidscale.serve.gallery import GalleryService, search_filtered
 from reidscale.serve.openset import resolve_threshold
 
@@ -136,7 +136,10 @@ def test_serve_config_files_are_valid_serve_and_service_configs():
     fields = set(ServeConfig.__dataclass_fields__)
     assert set(app.args) <= fields
     local = yaml.safe_load((REPO / "configs" / "serve" / "local.yaml").read_text())
-    assert set(local) <= fields and local["host"] == "127.0.0.1"
+    # the README says local.yaml lists every key: every field of the config and of its sections
+    assert set(local) == fields and local["host"] == "127.0.0.1"
+    assert set(local["embedder"]) == set(EmbedderConfig.__dataclass_fields__)
+    assert set(local["gallery"]) == set(GalleryServeConfig.__dataclass_fields__)
 
 
 def _export(path, seed=0, **model_kw):
