@@ -275,9 +275,7 @@ def build_gallery_index(cfg: IndexJobConfig) -> dict:
         embed_stats = {"embedded": len(vectors), "source": cfg.embeddings}
         extra["embeddings_source"] = cfg.embeddings
     else:
-        if not (Path(cfg.model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"model_dir {cfg.model_dir}: not an exported embedding model; {exported.MADE_BY}")
-        model_sha = exported.model_sha(cfg.model_dir)
+        model_sha = exported.model_sha(cfg.model_dir)  # refuses a directory that is not an export, naming its maker
         emb_dir = out_dir / "embeddings"
         embed_stats = finished_embeddings(emb_dir, model_sha, cfg.data_dir, cfg.split)
         if embed_stats is not None:

@@ -192,9 +192,7 @@ def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:
     """(model in eval mode, its config dict) from an export directory."""
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; not an exported embedding model; {exported.MADE_BY}")
-    config = json.loads(config_file.read_text())
+    config = exported.read_export_config(path)
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_file}: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
     model_cfg = ModelConfig(**config["model"])
