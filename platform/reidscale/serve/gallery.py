@@ -125,7 +125,6 @@ class GalleryService:
             self.gallery = Gallery(index_dir, verify=verify, search_params=search_params)
         else:
             self.gallery = DistributedGallery(index_dir, verify=verify, search_params=search_params, **distributed)
-        self.distributed = distributed is not None
         self.lock = ReadWriteLock()
         self.refresh_s = refresh_s
         self._checked = time.monotonic()
@@ -149,7 +148,7 @@ class GalleryService:
                     "identities": int(np.unique(identity).size),
                     "dim": self.gallery.dim, "metric": self.gallery.metric, "factory": m.get("factory"),
                     "shards": len(m["shards"]), "model_sha256": m.get("model_sha256", ""),
-                    "shard_actors": len(self.gallery.actors) if self.distributed else 0,
+                    "shard_actors": len(self.gallery.actors) if isinstance(self.gallery, DistributedGallery) else 0,
                     "gallery_pid": os.getpid()}
 
     def search(self, queries: np.ndarray, k: int, cameras=None, exclude_camera=None) -> dict:
