@@ -44,7 +44,8 @@ from reidscale.index.metric import check_gallery_metric, faiss_metric
 from reidscale.index.rows import RowRange
 from reidscale.index.vectors import check_vectors
 
-log = logging.getLogger(__name__)
+# _log, not log: build_index takes a ``log=`` callable, which would shadow it
+_log = logging.getLogger(__name__)
 
 # Exact search while it is cheap: 131k × 512-d is ~1.3 ms/query on 2 cores.
 FLAT_MAX_ROWS = 1 << 17
@@ -190,7 +191,7 @@ def fill_shard_file(out_dir: str | Path, name: str, trained: dict, vectors, lo: 
         "input_sha256": input_sha256,
         "sha256": store.write_index(index, out_dir / name),
     }
-    log.info("%s: filled %d vectors", out_dir / name, entry["ntotal"])
+    _log.info("%s: filled %d vectors", out_dir / name, entry["ntotal"])
     return entry
 
 
@@ -290,8 +291,7 @@ def build_index(
     (with any later ``add``/``remove``); shards finished by an interrupted build of the
     same inputs are kept.
     """
-    logger = logging.getLogger(__name__)  # the ``log`` parameter shadows the module logger here
-    say = log or logger.info
+    say = log or _log.info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     job_name = f"build_index-{out_dir.name}"  # as jobs/build_index.py names its embedding step
@@ -350,9 +350,9 @@ def build_index(
     }
     if calibration is not None and not search_params:
         if shard_tasks:
-            logger.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
-                           "actors); give search_params or calibration=None for a gallery larger than its memory",
-                           out_dir)
+            _log.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
+                         "actors); give search_params or calibration=None for a gallery larger than its memory",
+                         out_dir)
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, say)
     atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
