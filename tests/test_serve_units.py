@@ -124,6 +124,21 @@ def test_config_refuses_bad_values_naming_the_key(tmp_path):
     assert proc.returncode == 2 and "port: 70000" in proc.stderr
 
 
+def test_gallery_section_builds_the_service_it_names(tmp_path):
+    x, _ = _index(tmp_path)
+    default = GalleryService(str(tmp_path), **config_from_args({"index_dir": str(tmp_path)}).gallery.service_options())
+    cfg = config_from_args({"index_dir": str(tmp_path),
+                            "gallery": {"mmap": True, "verify": False, "refresh_s": 7}})
+    mapped = GalleryService(str(tmp_path), **cfg.gallery.service_options())
+    assert not default.gallery.mmap and default.gallery.verify
+    assert mapped.gallery.mmap and not mapped.gallery.verify and mapped.refresh_s == 7
+    for a, b in zip(mapped.gallery.search(x[:5], 4), default.gallery.search(x[:5], 4)):
+        np.testing.assert_array_equal(a, b)
+    distributed = config_from_args({"index_dir": str(tmp_path), "gallery": {"distributed": True, "actors": 3,
+                                                                            "actor_cpus": 0.5}})
+    assert distributed.gallery.service_options()["distributed"] == {"num_actors": 3, "actor_cpus": 0.5}
+
+
 def test_serve_config_files_are_valid_serve_and_service_configs():
     from ray.serve.schema import ServeDeploySchema
 

@@ -349,10 +349,6 @@ def build_index(
         **({"fill": {"executor": "ray", "nodes": nodes}} if shard_tasks else {}),
     }
     if calibration is not None and not search_params:
-        if shard_tasks:
-            _log.warning("index %s: calibrating opens the whole index in this process (not yet on the shard "
-                         "actors); give search_params or calibration=None for a gallery larger than its memory",
-                         out_dir)
         manifest = _calibrated(manifest, out_dir, vectors, ids, calibration, calibration_queries, say)
     atomic.write_json(out_dir / store.MANIFEST, manifest)
     partial_path.unlink(missing_ok=True)
@@ -464,8 +460,10 @@ def _calibrated(manifest: dict, out_dir: Path, vectors: np.ndarray, ids: np.ndar
     from reidscale.index.calibrate import plot_tradeoff
     from reidscale.index.gallery import Gallery
 
-    # open what was just written, as a reader will; ground truth is the input vectors themselves
-    gallery = Gallery(out_dir, verify=False, manifest=manifest)
+    # open what was just written, as a reader will; ground truth is the input vectors themselves.
+    # Mapped, not read: the shards the tasks wrote never need to fit in this process's memory
+    # (the kernel's page cache holds what the trial searches touch)
+    gallery = Gallery(out_dir, verify=False, manifest=manifest, mmap=True)
     report = gallery.measure_settings([(vectors, ids)], spec, queries=queries,
                                       budget_bytes=manifest["memory_budget_bytes"])
     report["generation"] = int(manifest["generation"])

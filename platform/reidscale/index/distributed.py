@@ -69,8 +69,9 @@ class ShardServer:
     """
 
     def __init__(self, directory: str, shards: list[tuple[int, dict]], removed: list[dict], params: dict,
-                 metric: str, version: int = 0, verify: bool = True):
+                 metric: str, version: int = 0, verify: bool = True, mmap: bool = False):
         self.directory, self.verify, self.larger = Path(directory), verify, larger_is_closer(metric)
+        self.mmap = mmap
         self._loaded: dict[tuple[str, str], object] = {}
         self.update(shards, removed, params, version)
 
@@ -78,7 +79,7 @@ class ShardServer:
         loaded = {}
         for _, entry in shards:
             key = (entry["file"], entry["sha256"])
-            loaded[key] = self._loaded.get(key) or load_shard(self.directory, entry, self.verify)
+            loaded[key] = self._loaded.get(key) or load_shard(self.directory, entry, self.verify, self.mmap)
         self._loaded = loaded
         self.shards = [(pos, entry["file"], loaded[(entry["file"], entry["sha256"])]) for pos, entry in shards]
         apply_search_params([index for _, _, index in self.shards], params)
@@ -130,11 +131,13 @@ class DistributedGallery:
     the actor's OMP_NUM_THREADS, FAISS's threads, from it), placed round-robin over the alive
     nodes (soft node affinity: a restart prefers the same node).
     ``wait_s``: how long a query waits for a dead actor's restart before giving up.
-    ``close()`` ends the actors.
+    ``mmap``: each actor maps its shards from disk (``Gallery``'s ``mmap``): with both, a
+    cluster serves more vectors than its nodes' memory. ``close()`` ends the actors.
     """
 
     def __init__(self, directory: str | Path, *, num_actors: int = 0, actor_cpus: float = 1.0, max_restarts: int = 3,
-                 wait_s: float = 60.0, verify: bool = True, search_params: dict | None = None):
+                 wait_s: float = 60.0, verify: bool = True, search_params: dict | None = None,
+                 mmap: bool = False):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -159,7 +162,7 @@ class DistributedGallery:
                            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[j % len(nodes)], soft=True))
             self._actors.append(server.options(**options).remote(
                 str(self.directory), [(p, manifest["shards"][p]) for p in positions], manifest.get("removed", []),
-                self._params(manifest), manifest["metric"], self._version, verify))
+                self._params(manifest), manifest["metric"], self._version, verify, mmap))
         placement = self.describe_actors()  # waits for every actor to have loaded its shards
         for j, d in enumerate(placement):
             log.info("%s: actor %d on node %s holds %s (%d vectors)", self.directory, j, d["node"][:12],

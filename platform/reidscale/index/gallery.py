@@ -49,13 +49,15 @@ class Gallery:
     ``search_params`` (e.g. ``{"nprobe": 64}``) override the manifest's search-time
     settings. ``use_gpu``: "auto" moves shards to all GPUs when FAISS sees any (index
     types FAISS cannot run on GPU stay on CPU). ``threads``: shards searched at once
-    (default: min(shards, CPUs)).
+    (default: min(shards, CPUs)). ``mmap``: shards memory-mapped from disk instead of read
+    into memory (``generation.load_shard``): for galleries larger than this machine's memory.
     """
 
     def __init__(self, directory: str | Path, *, verify: bool = True, threads: int = 0,
-                 search_params: dict | None = None, use_gpu: str = "auto", manifest: dict | None = None):
+                 search_params: dict | None = None, use_gpu: str = "auto", manifest: dict | None = None,
+                 mmap: bool = False):
         self.directory = Path(directory)
-        self.verify = verify
+        self.verify, self.mmap = verify, mmap
         self._threads = threads
         self._search_override = dict(search_params or {})
         self._use_gpu = use_gpu
@@ -75,7 +77,7 @@ class Gallery:
         for entry in manifest["shards"]:
             key = (entry["file"], entry["sha256"])
             if key not in self._loaded:
-                self._loaded[key] = self._to_device(load_shard(self.directory, entry, self.verify))
+                self._loaded[key] = self._to_device(load_shard(self.directory, entry, self.verify, self.mmap))
             shards.append(self._loaded[key])
         # set on every shard each time, not only on first load: a new generation may carry
         # recalibrated settings for shards already loaded (they are shared across generations)

@@ -23,12 +23,22 @@ from reidscale.index.metric import faiss_metric
 from reidscale.index.vectors import check_vectors
 
 
-def load_shard(directory: Path, entry: dict, verify: bool = True):
-    """The FAISS index a manifest shard entry names, its sha256 checked (``verify``) before FAISS reads it."""
+def load_shard(directory: Path, entry: dict, verify: bool = True, mmap: bool = False):
+    """The FAISS index a manifest shard entry names, its sha256 checked (``verify``) before FAISS reads it.
+
+    ``mmap``: map the file's codes and inverted lists instead of reading them
+    (``IO_FLAG_MMAP_IFC | IO_FLAG_READ_ONLY``), so a process serves shards larger than its
+    memory: what searches touch sits in the kernel's page cache, which it can evict, not in
+    the process's own memory. The shard files are the ones ``write_index`` wrote; nothing is
+    converted. Pinned on purpose: ``IO_FLAG_MMAP`` on an index merged by ``contrib.ondisk``
+    (``OnDiskInvertedLists``) crashed on search with faiss 1.15, and needs a second file
+    beside each shard; published shards are never rewritten (an atomic rename leaves an
+    open mapping on the old inode), so a read-only mapping stays valid.
+    """
     import faiss
 
     path = store.verified(directory, entry, verify=verify)
-    index = faiss.read_index(str(path))
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     if index.ntotal != entry["ntotal"]:
         raise GalleryError(f"{path}: ntotal {index.ntotal}, manifest says {entry['ntotal']}")
     return index

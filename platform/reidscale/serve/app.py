@@ -204,8 +204,7 @@ def build_app(cfg: ServeConfig, plan_: dict | None = None):
     e, g = cfg.embedder, cfg.gallery
     gallery = gallery_deployment().options(
         num_replicas=g.replicas, ray_actor_options={"num_cpus": g.num_cpus},
-    ).bind(p["index_dir"], dict(g.search_params), g.verify, g.refresh_s,
-           {"num_actors": g.actors, "actor_cpus": g.actor_cpus} if g.distributed else None)
+    ).bind(p["index_dir"], g.service_options())
     embedder = None
     if p["model"] is not None:
         gpus = resolve_use_gpu(e.use_gpu)

@@ -55,6 +55,16 @@ class GalleryServeConfig:
     # shard actors when distributed (0: one per alive node), and the CPUs (FAISS threads) of each
     actors: int = 0
     actor_cpus: float = 1.0
+    # map the shards from disk instead of reading them into memory (index.generation.load_shard):
+    # a node then serves more vectors than its memory; searches touch pages the kernel caches
+    mmap: bool = False
+
+    def service_options(self) -> dict:
+        """``serve.gallery.GalleryService``'s keyword arguments for this section (one mapping, so
+        the deployment and the tests build the service the same way)."""
+        return {"search_params": dict(self.search_params), "verify": self.verify, "refresh_s": self.refresh_s,
+                "distributed": {"num_actors": self.actors, "actor_cpus": self.actor_cpus} if self.distributed else None,
+                "mmap": self.mmap}
 
     def validate(self) -> None:
         if self.replicas < 1:

@@ -118,13 +118,15 @@ class GalleryService:
     """The gallery deployment's logic, testable without Ray: search, enrol, remove, info."""
 
     def __init__(self, index_dir: str, *, search_params: dict | None = None, verify: bool = True,
-                 refresh_s: float = 1.0, distributed: dict | None = None):
+                 refresh_s: float = 1.0, distributed: dict | None = None, mmap: bool = False):
         """``distributed``: ``DistributedGallery`` options (num_actors, actor_cpus): the vectors live in
-        shard actors over the cluster's nodes, this replica holds the metadata; None: one ``Gallery`` here."""
+        shard actors over the cluster's nodes, this replica holds the metadata; None: one ``Gallery`` here.
+        ``mmap``: shards mapped from disk, not read into memory (either way)."""
         if distributed is None:
-            self.gallery = Gallery(index_dir, verify=verify, search_params=search_params)
+            self.gallery = Gallery(index_dir, verify=verify, search_params=search_params, mmap=mmap)
         else:
-            self.gallery = DistributedGallery(index_dir, verify=verify, search_params=search_params, **distributed)
+            self.gallery = DistributedGallery(index_dir, verify=verify, search_params=search_params, mmap=mmap,
+                                              **distributed)
         self.lock = ReadWriteLock()
         self.refresh_s = refresh_s
         self._checked = time.monotonic()
@@ -197,11 +199,10 @@ def gallery_deployment():
 
     @serve.deployment(name="gallery", max_ongoing_requests=64)
     class GalleryDeployment:
-        def __init__(self, index_dir: str, search_params: dict, verify: bool, refresh_s: float,
-                     distributed: dict | None = None):
+        def __init__(self, index_dir: str, options: dict):
+            """``options``: ``GalleryServeConfig.service_options()``."""
             logging.basicConfig(level=logging.INFO)
-            self.service = GalleryService(index_dir, search_params=search_params, verify=verify,
-                                          refresh_s=refresh_s, distributed=distributed)
+            self.service = GalleryService(index_dir, **options)
 
         # FAISS releases the GIL: searches in threads run in parallel; the event loop stays free
         async def info(self) -> dict:
