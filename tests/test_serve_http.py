@@ -300,7 +300,9 @@ def test_the_service_on_shard_actors_answers_as_the_gallery_and_enrols(service, 
     """``gallery.distributed=true``: the gallery replica serves from DistributedGallery's shard
     actors; answers equal the single-process Gallery's, and an enrolment reaches the actors."""
     app = service["app"]
-    distributed = {"num_cpus": 0.25, "refresh_s": 0.2, "distributed": True, "actors": 2, "actor_cpus": 0.25}
+    # the actors map their shards from disk (gallery.mmap): the answers must not change
+    distributed = {"num_cpus": 0.25, "refresh_s": 0.2, "distributed": True, "actors": 2, "actor_cpus": 0.25,
+                   "mmap": True}
     app.redeploy(_config(world, gallery=distributed))
     try:
         info = requests.get(service["url"] + "/info", headers=AUTH, timeout=30).json()

@@ -35,6 +35,7 @@ from reidscale.index import manifest as store
 from reidscale import atomic
 from reidscale.index.generation import (Snapshot, apply_search_params, checked_additions, load_shard,
                                         load_tombstones, read_metadata, with_added_shard, with_tombstones)
+from reidscale.index.gallery import vectors_to_add
 from reidscale.index.hits import live_hits, search_live, top_identities
 from reidscale.index.manifest import GalleryError
 from reidscale.index.metric import larger_is_closer
@@ -214,9 +215,12 @@ class DistributedGallery:
         return [out[j] for j in range(len(self._actors))]
 
     # ------------------------------------------------------------------ writing
-    def add(self, vectors: np.ndarray, identities, cameras=None, paths=None) -> np.ndarray:
-        """``Gallery.add`` of vectors (not images): a new shard, published as a new generation and loaded
-        by the actor holding the fewest vectors; returns the new row ids."""
+    def add(self, vectors: np.ndarray | None = None, identities=(), cameras=None, paths=None, *, images=None,
+            model_dir=None) -> np.ndarray:
+        """``Gallery.add`` (vectors, or images embedded here with the index's model): a new shard,
+        published as a new generation and loaded by the actor holding the fewest vectors; returns
+        the new row ids."""
+        vectors, paths = vectors_to_add(self.directory, self.manifest, vectors, images, cameras, paths, model_dir)
         rows = checked_additions(vectors, identities, cameras, paths, self.dim, self.metric)
         if not len(rows.vectors):
             return np.zeros(0, np.int64)

@@ -201,17 +201,7 @@ class Gallery:
         manifest's ``model_sha256``). The new vectors go into a new shard built from the
         same trained index, published with a new manifest generation.
         """
-        if (vectors is None) == (images is None):
-            raise ValueError("give exactly one of vectors or images")
-        if images is not None:
-            from reidscale.embed import embed_images
-
-            vectors, ok = embed_images(self.resolve_model_dir(model_dir), images, cameras=cameras)
-            if not ok.all():
-                bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
-                raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
-            if paths is None:
-                paths = [p if isinstance(p, str) else "" for p in images]
+        vectors, paths = vectors_to_add(self.directory, self.manifest, vectors, images, cameras, paths, model_dir)
         rows = checked_additions(vectors, identities, cameras, paths, self.dim, self.metric)
         if not len(rows.vectors):
             return np.zeros(0, np.int64)
@@ -346,6 +336,22 @@ class Gallery:
     def resolve_model_dir(self, model_dir: str | Path | None = None) -> Path:
         """The embedding model of this index (see ``resolve_model_dir``)."""
         return resolve_model_dir(self.directory, self.manifest, model_dir)
+
+
+def vectors_to_add(index_dir: Path, manifest: dict, vectors, images, cameras, paths, model_dir) -> tuple:
+    """(vectors, paths) of an ``add``: the ``vectors`` given, or ``images`` embedded with the index's
+    model (``resolve_model_dir``); images that do not decode refuse the whole add."""
+    if (vectors is None) == (images is None):
+        raise ValueError("give exactly one of vectors or images")
+    if images is None:
+        return vectors, paths
+    from reidscale.embed import embed_images
+
+    vectors, ok = embed_images(resolve_model_dir(index_dir, manifest, model_dir), images, cameras=cameras)
+    if not ok.all():
+        bad = [str(images[i])[:80] for i in np.flatnonzero(~ok)[:3]]
+        raise ValueError(f"{int((~ok).sum())} image(s) do not decode, e.g. {bad}")
+    return vectors, [p if isinstance(p, str) else "" for p in images] if paths is None else paths
 
 
 def resolve_model_dir(index_dir: str | Path, manifest: dict, model_dir: str | Path | None = None) -> Path:
