@@ -272,3 +272,22 @@ def test_incomplete_damaged_or_foreign_text_feature_tables_are_refused(tmp_path)
     (tmp_path / "whole" / f"{TEXT_FEATURES_STEM}.json").unlink()
     with pytest.raises(FileNotFoundError, match=f"{TEXT_FEATURES_STEM}.json"):
         load_text_feature_rows(tmp_path / "whole", C, 0, C)
+
+
+def test_prompt_memory_formula_counts_the_largest_ranks_live_tensors():
+    from reidscale.models.sharded_prompts import prompt_memory_bytes, prompt_optimizer
+
+    clip = tiny_clip()
+    nbytes = lambda t: t.numel() * t.element_size()
+    sizes = []
+    for rank in range(3):  # 10 identities over 3 ranks: 3, 3, 4 rows
+        prompts = ShardedPromptLearner(C, clip.token_embedding, n_ctx=N_CTX, seed=SEED, rank=rank, world=3)
+        opt = prompt_optimizer(prompts, lr=1e-3, weight_decay=1e-4)
+        prompts.ctx[torch.tensor([0])].sum().backward()  # one row used: the gradient is still the whole shard
+        opt.step()
+        state = sum(nbytes(v) for v in opt.state[prompts.ctx].values() if v.dim() > 0)
+        sizes.append({"prompts": nbytes(prompts.ctx), "gradient": nbytes(prompts.ctx.grad), "optimizer_state": state,
+                      "text_features": (prompts.hi - prompts.lo) * D * 4})
+    largest = max(sizes, key=lambda s: s["prompts"])
+    assert prompt_memory_bytes(C, 3, n_ctx=N_CTX, token_dim=16, text_dim=D) == largest
+    assert largest["prompts"] == 4 * N_CTX * 16 * 4  # the tiny text tower's width is 16

@@ -105,3 +105,15 @@ def load_text_feature_rows(directory: str | Path, num_classes: int, lo: int, hi:
     rows = load_rows(directory, index, lo, hi, ["text_features"], index_file)["text_features"]
     log.info(f"text features of identities [{lo}, {hi}) from {directory} (saved by {index['saved_by_ranks']} ranks)")
     return rows
+
+
+def prompt_memory_bytes(num_classes: int, world: int = 1, *, n_ctx: int = 4, token_dim: int = 512,
+                        text_dim: int = 512, optimizer_states: int = 2, bytes_per_value: int = 4) -> dict[str, int]:
+    """Per-worker bytes of the largest rank's CLIP-ReID identity state (fp32, Adam/AdamW's 2
+    states): prompt tokens, their dense gradient (``ctx[labels]``'s backward fills the whole
+    shard), the optimizer state, and the frozen text features kept for stage 2.
+    ``world=1`` is also the replicated layout (every worker holds all of it)."""
+    rows = max(hi - lo for lo, hi in (shard_range(num_classes, k, world) for k in range(world)))
+    table = rows * n_ctx * token_dim * bytes_per_value
+    return {"prompts": table, "gradient": table, "optimizer_state": optimizer_states * table,
+            "text_features": rows * text_dim * bytes_per_value}
