@@ -18,9 +18,17 @@ Layouts per worker, for N data-parallel workers:
   **Measured** for ``--workers`` (default N=1 and N=2: N gloo processes on 127.0.0.1, each
   reporting its own tensors, peak RSS and step time); *computed* with
   ``classifier.memory_bytes`` for 8 and 64, and the formula is printed beside the measured rows.
+- ``prompts``: CLIP-ReID's per-identity state sharded the same way
+  (``models/sharded_prompts.py``): per rank the prompt tokens (C/N × n_ctx × 512), their dense
+  gradient, Adam's 2 states and the stage-1 text features (C/N × 512). **Measured** for
+  ``--workers`` at ``--prompt-classes`` (2 stage-1 steps of ``sharded_supervised_contrastive``
+  + Adam on N gloo ranks, a 1-layer 512-wide text tower); the text-feature table is allocated
+  at its size, not computed (C/N prompts through the text tower is hours on one CPU thread).
+  *Computed* with ``sharded_prompts.prompt_memory_bytes`` for 1..64 workers at every
+  ``--prompt-classes`` and 1M, beside the measured rows. N=1 is also the replicated layout.
 
     python bench/partial_fc_memory.py [--classes 100000 1000000] [--dim 512] [--batch 64]
-        [--layouts replicated sharded] [--workers 1 2]
+        [--layouts replicated sharded prompts] [--workers 1 2] [--prompt-classes 100000]
 """
 
 from __future__ import annotations
@@ -120,12 +128,59 @@ def sharded_rank(rank: int, world: int, port: int, num_classes: int, dim: int, b
         dist.destroy_process_group()
 
 
-def _sharded_entry(rank, world, port, num_classes, dim, batch, out):
-    sharded_rank(rank, world, port, num_classes, dim, batch, out)
+def prompt_rank(rank: int, world: int, port: int, num_classes: int, dim: int, batch: int, out: dict) -> None:
+    """One rank of CLIP-ReID's sharded stage 1: 2 steps; its identity tensors' bytes, peak RSS, step time."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from reidscale.losses.sharded_image_text import sharded_supervised_contrastive
+    from reidscale.models.backbone import ModelConfig
+    from reidscale.models.prompt_learner import Stage1Model, TextTower, build_clip
+    from reidscale.models.sharded_prompts import ShardedPromptLearner, prompt_optimizer
+
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread per rank
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    # ViT-B-16's text width and projection (512), one layer: the per-identity tensors are full size
+    clip = build_clip(ModelConfig(width=32, layers=1, heads=2, patch_size=8, embed_dim=dim), (32, 16),
+                      text_width=PROMPT_TOKEN_DIM, text_layers=1, text_heads=8)
+    prompts = ShardedPromptLearner(num_classes, clip.token_embedding, n_ctx=PROMPT_N_CTX, seed=0, rank=rank,
+                                   world=world)
+    stage1 = Stage1Model(prompts, TextTower(clip))
+    opt = prompt_optimizer(prompts, lr=3.5e-4, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(rank)
+    times = []
+    for _ in range(2):  # the first step also allocates the optimizer state
+        feat = torch.randn(batch, dim, generator=g)
+        labels = torch.randint(0, num_classes, (batch,), generator=g)  # stage 1: random images, K=1
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        i2t, t2i = sharded_supervised_contrastive(feat, labels, stage1, prompts.lo, prompts.hi)
+        opt.zero_grad(set_to_none=False)
+        (i2t + t2i).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    # what stage 2 keeps: this range's text features (allocated at size; see the module docstring)
+    text_features = torch.zeros(prompts.hi - prompts.lo, dim)
+    nbytes = lambda t: t.numel() * t.element_size()
+    state = sum(nbytes(v) for v in opt.state[prompts.ctx].values() if torch.is_tensor(v) and v.dim() > 0)
+    out[rank] = {"prompts": nbytes(prompts.ctx), "gradient": nbytes(prompts.ctx.grad), "optimizer_state": state,
+                 "text_features": nbytes(text_features), "step_s": round(times[-1], 3),
+                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if world > 1:
+        dist.destroy_process_group()
 
 
-def measure_sharded(num_classes: int, dim: int, batch: int, world: int) -> list[dict]:
-    """``world`` spawned processes (gloo on 127.0.0.1), one result dict per rank."""
+def _sharded_entry(rank, world, port, num_classes, dim, batch, out, fn=sharded_rank):
+    fn(rank, world, port, num_classes, dim, batch, out)
+
+
+def measure_sharded(num_classes: int, dim: int, batch: int, world: int, fn=sharded_rank) -> list[dict]:
+    """``world`` spawned processes (gloo on 127.0.0.1) running ``fn``, one result dict per rank."""
     import socket
 
     import torch.multiprocessing as mp
@@ -135,8 +190,56 @@ def measure_sharded(num_classes: int, dim: int, batch: int, world: int) -> list[
         port = s.getsockname()[1]
     with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
-        mp.spawn(_sharded_entry, args=(world, port, num_classes, dim, batch, out), nprocs=world, join=True)
+        mp.spawn(_sharded_entry, args=(world, port, num_classes, dim, batch, out, fn), nprocs=world, join=True)
         return [dict(out[r]) for r in range(world)]
+
+
+PROMPT_N_CTX, PROMPT_TOKEN_DIM = 4, 512  # CLIP-ReID's 4 identity tokens, ViT-B-16's text width
+PROMPT_KEYS = ("prompts", "gradient", "optimizer_state", "text_features")
+
+
+def prompt_rows(classes: list[int], workers: list[int], dim: int, batch: int) -> tuple[list[dict], list[dict]]:
+    """(table rows, JSON records) of the sharded CLIP-ReID identity state: measured at ``workers``
+    for each of ``classes``, the formula for 1..64 workers and at 1M beside them."""
+    from reidscale.models.sharded_prompts import prompt_memory_bytes
+
+    rows, records = [], []
+    for c in sorted(set(classes) | {1_000_000}):
+        measured = {}
+        for n in workers if c in classes else ():
+            print(f"measuring sharded CLIP-ReID prompts at {c:,} identities on {n} ranks ...", flush=True)
+            load = os.getloadavg()[0]
+            floor = max(r["peak_rss"] for r in measure_sharded(8 * n, dim, batch, n, fn=prompt_rank))
+            per_rank = measure_sharded(c, dim, batch, n, fn=prompt_rank)
+            worst = max(per_rank, key=lambda r: r["peak_rss"])
+            measured[n] = {**worst, "rss_above_floor": worst["peak_rss"] - floor, "floor": floor,
+                           "step_s": max(r["step_s"] for r in per_rank), "load_1min": round(load, 2),
+                           "per_rank": per_rank}
+        for n in sorted(set(measured) | {1, 2, 8, 64}):
+            formula = prompt_memory_bytes(c, n, n_ctx=PROMPT_N_CTX, token_dim=PROMPT_TOKEN_DIM, text_dim=dim)
+            m = measured.get(n)
+            values = {k: m[k] for k in PROMPT_KEYS} if m else formula
+            source = f"measured ({n} gloo processes, largest rank)" if m else "formula (sharded_prompts.prompt_memory_bytes)"
+            total = sum(values.values())
+            records.append({"identities": c, "layout": "clipreid prompts (sharded)", "workers": n,
+                            "n_ctx": PROMPT_N_CTX, "token_dim": PROMPT_TOKEN_DIM, "text_dim": dim,
+                            **{f"{k}_bytes": v for k, v in values.items()}, "total_bytes": total,
+                            "formula_total_bytes": sum(formula.values()),
+                            "peak_rss_above_floor_bytes": m["rss_above_floor"] if m else None,
+                            "step_s": m["step_s"] if m else None, "load_1min": m["load_1min"] if m else None,
+                            "source": source, **({"per_rank": m["per_rank"]} if m else {})})
+            rows.append({"identities": f"{c:,}", "layout": "clipreid prompts (sharded)", "N": n,
+                         "prompts MiB": mib(values["prompts"]), "grad MiB": mib(values["gradient"]),
+                         "Adam MiB": mib(values["optimizer_state"]), "text feat MiB": mib(values["text_features"]),
+                         "total MiB": mib(total), "formula MiB": mib(sum(formula.values())),
+                         "peak RSS - floor MiB": mib(m["rss_above_floor"]) if m else "",
+                         "step s": m["step_s"] if m else "", "load": m["load_1min"] if m else "", "source": source})
+    return rows, records
+
+
+PROMPT_NOTE = ("bytes per worker (largest rank), fp32, Adam (2 states) over the prompt tokens; text_features = the "
+               "stage-1 table kept for stage 2 (allocated at size); peak_rss_above_floor = the rank's peak RSS minus "
+               "the peak of the same ranks running the step at 8·N identities; step_s the slowest rank's 2nd step")
 
 
 def mib(n: float) -> str:
@@ -148,13 +251,22 @@ def main() -> None:
     ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64, help="images per worker per step (P×K)")
-    ap.add_argument("--layouts", nargs="+", default=["replicated", "sharded"], choices=["replicated", "sharded"],
-                    help="replicated: linear + replicated Partial FC (N=1); sharded: ShardedPartialFC on N ranks")
+    ap.add_argument("--layouts", nargs="+", default=["replicated", "sharded"],
+                    choices=["replicated", "sharded", "prompts"],
+                    help="replicated: linear + replicated Partial FC (N=1); sharded: ShardedPartialFC on N ranks; "
+                         "prompts: CLIP-ReID's sharded prompts + text features on N ranks")
+    ap.add_argument("--prompt-classes", type=int, nargs="+", default=[100_000],
+                    help="identities of the measured prompt rows (1M x 4 x 512 with Adam does not fit at N=1 here)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="N for the measured sharded rows")
     args = ap.parse_args()
 
     from reidscale.models.classifier import memory_bytes
 
+    if args.layouts == ["prompts"]:
+        rows, records = prompt_rows(args.prompt_classes, args.workers, args.dim, args.batch)
+        print_table(rows)
+        print(f"wrote {write_results('partial_fc_memory_prompts', {'note': PROMPT_NOTE, 'results': records})}")
+        return
     _, floor = run_isolated(one_step, "floor", 1, args.dim, args.batch)
     rows, records = [], []
     for c in args.classes:
@@ -221,6 +333,10 @@ def main() -> None:
                              "step s": step if step is not None else "", "load": load if load is not None else "",
                              "source": source})
     print_table(rows)
+    if "prompts" in args.layouts:  # other columns: a table of its own
+        more_rows, more_records = prompt_rows(args.prompt_classes, args.workers, args.dim, args.batch)
+        print_table(more_rows)
+        records += more_records
     path = write_results("partial_fc_memory", {
         "note": "bytes per worker, fp32, AdamW (2 states); logits = the logits tensor of one step; "
                 "peak_rss_above_import_floor = the measuring process's peak RSS minus that of a "

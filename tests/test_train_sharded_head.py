@@ -83,3 +83,30 @@ def test_sharded_head_configs_that_cannot_work_are_refused_before_any_work(tmp_p
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(1200)
+def test_sharded_clipreid_keeps_one_text_feature_table_and_skips_stage1_on_resume(tmp_path, data_dir):
+    run = tmp_path / "clipreid"
+    clipreid = ["recipe=clipreid", "clipreid.stage1_epochs=1", "clipreid.stage1_batch=8", "train.epochs=1"]
+    proc = _job(f"run_dir={run}", f"data_dir={data_dir}", *TOY, *clipreid)
+    out = proc.stdout + proc.stderr
+    num_classes = json.loads((data_dir / "manifest.json").read_text())["num_classes"]
+    mid = num_classes // 2
+    assert f"each of 2 workers trains the prompts of {mid} of {num_classes} identities" in out
+    assert "stage 1 epoch 1/1" in out and " i2t " in out  # stage 2 logged its sharded i2t term
+    # the text features: one table of two per-range files, in the run dir and in the checkpoint
+    assert not (run / "clipreid" / "text_features.safetensors").exists()
+    checkpoint = Path(json.loads((run / "train_summary.json").read_text())["checkpoint"])
+    tables = []
+    for directory in (run / "clipreid" / "text_features", checkpoint / "text_features"):
+        index = json.loads((directory / "text_features.json").read_text())
+        assert [(s["lo"], s["hi"]) for s in index["shards"]] == [(0, mid), (mid, num_classes)]
+        tables.append(np.concatenate([load_file(str(directory / s["file"]))["text_features"] for s in index["shards"]]))
+    assert tables[0].shape == (num_classes, 16) and np.isfinite(tables[0]).all()
+    np.testing.assert_array_equal(tables[0], tables[1])
+
+    resumed = _job(f"run_dir={run}", f"data_dir={data_dir}", *TOY, *clipreid[:-1], "train.epochs=2")
+    out = resumed.stdout + resumed.stderr
+    assert f"resuming from {checkpoint}" in out and "stage 1 already done: text features [0, " in out
+    assert "stage 1 epoch" not in out

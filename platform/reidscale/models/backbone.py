@@ -67,7 +67,9 @@ class ModelConfig:
     cosine_margin: float = 0.0
     # partial_fc only: each train worker holds the centres of its own contiguous range of
     # identities (outside the DeepSpeed engine, its own optimizer; softmax exact across workers)
-    # instead of a copy of the whole table: memory per worker / num_workers (docs/scaling.md)
+    # instead of a copy of the whole table: memory per worker / num_workers (docs/scaling.md).
+    # recipe=clipreid: the per-identity prompt tokens (stage 1) and text features (stage 2's
+    # i2t) are sharded over the same ranges (models/sharded_prompts.py)
     shard_classifier: bool = False
 
     def validate(self) -> None:

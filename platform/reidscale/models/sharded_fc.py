@@ -13,8 +13,9 @@ optimizer, never all-reduced: the rows of two ranks are different classes). One 
 3. logits = ``scale`` · cos(feature, centre), minus ``margin`` on the true class (CosFace), as
    ``classifier.PartialFC`` computes them;
 4. label-smoothed cross-entropy over *all* sampled columns of all shards, exactly: an
-   all-reduce of the row maxima, then one of (sum of exp, true-class logit, sum of logits).
-   The loss is the global batch's mean, the same value on every rank.
+   all-reduce of the row maxima, then one of (sum of exp, true-class logit, sum of logits)
+   (``sharded_cross_entropy``, shared with CLIP-ReID's sharded losses in
+   ``losses/sharded_image_text.py``). The loss is the global batch's mean, the same on every rank.
 
 Gradient scale. Backward gives each shard's logits ``∂L/∂z`` of the global mean loss, so
 the centres get exactly the replicated head's gradient. The features: the gather's backward
@@ -49,7 +50,8 @@ INIT_BLOCK_ROWS = 8192
 INIT_STD = 0.01  # as classifier.PartialFC
 
 
-def _distributed(group=None) -> bool:
+def distributed(group=None) -> bool:
+    """True inside a process group of more than one rank (the collectives below are no-ops otherwise)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -113,21 +115,21 @@ class _GatherRows(torch.autograd.Function):
 
 def gather_features(feat: torch.Tensor, group=None) -> torch.Tensor:
     """The global batch's features (W·B × D), differentiable, the gradient scaled for DeepSpeed."""
-    if not _distributed(group):
+    if not distributed(group):
         return feat
     world = dist.get_world_size(group)
     return _GatherRows.apply(_ScaleGrad.apply(feat, float(world)), group)
 
 
 def gather_labels(labels: torch.Tensor, group=None) -> torch.Tensor:
-    if not _distributed(group):
+    if not distributed(group):
         return labels
     parts = [torch.empty_like(labels) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, labels.contiguous(), group=group)
     return torch.cat(parts)
 
 
-def _check_same_batch(rows: int, device, group) -> None:
+def check_same_batch(rows: int, device, group) -> None:
     """Every rank must bring B rows (pad as ``engine.lockstep`` does): the gather needs it."""
     t = torch.tensor([rows, -rows], device=device, dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -137,51 +139,92 @@ def _check_same_batch(rows: int, device, group) -> None:
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if _distributed(group):
+    if distributed(group):
         dist.all_reduce(t, op=op, group=group)
     return t
 
 
 class _ShardedSoftmaxCE(torch.autograd.Function):
-    """Label-smoothed CE over columns spread across ranks; (loss, correct) for the global batch.
+    """Soft-target cross-entropy over columns spread across ranks; (loss, correct) for the batch.
 
-    ``logits`` [R, S]: this shard's S columns for all R rows; ``target_col`` [R]: the true
-    class's column here, or -1 where another shard holds it. The smoothing mass ε is spread
-    over all C = Σ S columns, as ``cross_entropy_label_smooth`` does over its C columns:
-    ``loss_i = logZ_i - (1-ε)·z_iy - (ε/C)·Σ_c z_ic``. Backward: ``(softmax - q) / R``.
+    ``logits`` [R, S]: this shard's S columns for all R rows; ``weights`` [R, S]: the hard
+    target distribution's mass on those columns (a one-hot row for the ID head, 1/|P(i)| on each
+    positive for CLIP-ReID's supervised contrastive loss; each row sums to 1 over all shards,
+    a row with all its mass elsewhere is zero here). The smoothing mass ε is spread over all
+    C = Σ S columns, as ``cross_entropy_label_smooth`` does over its C columns:
+    ``loss_i = logZ_i - (1-ε)·Σ_c w_ic z_ic - (ε/C)·Σ_c z_ic``. Backward: ``(softmax - q) / R``
+    with ``q = (1-ε)·w + ε/C``, this shard's columns only (no collective: every rank holds the
+    whole ``logZ``).
     """
 
     @staticmethod
-    def forward(ctx, logits, target_col, epsilon, group):
-        z = logits.float()
+    def forward(ctx, logits, weights, epsilon, group):
+        z = logits if logits.dtype == torch.float64 else logits.float()  # 16-bit logits: softmax in fp32
+        w = weights.to(z.dtype)
         rows, cols = z.shape
-        m = z.max(dim=1).values.contiguous()
+        m = (z.max(dim=1).values if cols else torch.full((rows,), -torch.inf, dtype=z.dtype, device=z.device)).contiguous()
         _all_reduce(m, dist.ReduceOp.MAX, group)  # a shift, not differentiated (softmax is shift-free)
         e = torch.exp(z - m[:, None])
-        here = target_col >= 0
-        z_true = torch.zeros(rows, dtype=z.dtype, device=z.device)
-        z_true[here] = z[here, target_col[here]]
-        stats = torch.cat([torch.stack([e.sum(1), z_true, z.sum(1)], 1).flatten(),
+        stats = torch.cat([torch.stack([e.sum(1), (w * z).sum(1), z.sum(1)], 1).flatten(),
                            torch.tensor([float(cols)], dtype=z.dtype, device=z.device)])
         _all_reduce(stats, dist.ReduceOp.SUM, group)  # one collective for the three sums + the columns
         sum_exp, z_true, sum_z = stats[:-1].view(rows, 3).unbind(1)
         total_cols = float(stats[-1])
         log_z = m + torch.log(sum_exp)
         loss = (log_z - (1.0 - epsilon) * z_true - (epsilon / total_cols) * sum_z).mean()
-        correct = z_true >= m  # the true class scores highest over all shards (margin applied)
-        ctx.save_for_backward(e / sum_exp[:, None], target_col)
+        # one-hot targets: the true class scores highest over all shards (margin applied)
+        correct = z_true >= m
+        ctx.save_for_backward(e / sum_exp[:, None], w)
         ctx.epsilon, ctx.total_cols, ctx.dtype = epsilon, total_cols, logits.dtype
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        prob, target_col = ctx.saved_tensors
-        grad = prob - ctx.epsilon / ctx.total_cols
-        here = (target_col >= 0).nonzero().squeeze(1)
-        grad[here, target_col[here]] -= 1.0 - ctx.epsilon
+        prob, w = ctx.saved_tensors
+        grad = prob - ctx.epsilon / ctx.total_cols - (1.0 - ctx.epsilon) * w
         grad *= grad_loss / prob.shape[0]
         return grad.to(ctx.dtype), None, None, None
+
+
+def sharded_cross_entropy(logits: torch.Tensor, weights: torch.Tensor, epsilon: float = 0.0,
+                          group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over the R rows, per-row "true column scores highest") of a softmax whose
+    columns are split across the ranks of ``group``: ``logits`` and ``weights`` [R, S] are this
+    rank's columns (see ``_ShardedSoftmaxCE``). A collective: every rank calls it with the same
+    R rows, and gets the same loss. Backward gives this rank's columns their exact gradient;
+    with one process it is ``cross_entropy_label_smooth`` (soft targets ``w``)."""
+    return _ShardedSoftmaxCE.apply(logits, weights, epsilon, group)
+
+
+def one_hot_columns(target_col: torch.Tensor, cols: int, dtype=torch.float32) -> torch.Tensor:
+    """[R, cols] weights from a true column per row, -1 where another shard holds the true class."""
+    w = torch.zeros(target_col.shape[0], cols, dtype=dtype, device=target_col.device)
+    rows = (target_col >= 0).nonzero().squeeze(1)
+    w[rows, target_col[rows]] = 1.0
+    return w
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce sum forward, identity backward: every rank reports the global value of a sum
+    of per-rank parts, and backward gives each rank the gradient of its own part only (as
+    ``_ShardedSoftmaxCE``'s does, so gradients that meet in ``_GatherRows`` sum to the total)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        _all_reduce(x, dist.ReduceOp.SUM, group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_ranks(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Σ over the ranks of ``x`` (same value everywhere); the gradient of this rank's ``x`` is
+    the output's gradient (no W× from an all-reduce in backward)."""
+    return _SumOverRanks.apply(x, group) if distributed(group) else x
 
 
 @dataclass
@@ -211,7 +254,7 @@ class ShardedPartialFC(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: {label_smoothing} is not in [0, 1)")
         if rank is None or world is None:
-            rank, world = (dist.get_rank(group), dist.get_world_size(group)) if _distributed(group) else (0, 1)
+            rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed(group) else (0, 1)
         if num_classes < world:
             raise ValueError(f"num_classes: {num_classes} identities cannot be sharded over {world} ranks")
         self.dim, self.num_classes, self.rank, self.world, self.group = dim, num_classes, rank, world, group
@@ -244,8 +287,8 @@ class ShardedPartialFC(nn.Module):
         if feat.ndim != 2 or feat.shape[1] != self.dim or labels.shape != feat.shape[:1]:
             raise ValueError(f"sharded Partial FC: expected feat [B, {self.dim}] and labels [B], got "
                              f"{tuple(feat.shape)} and {tuple(labels.shape)}")
-        if _distributed(self.group):
-            _check_same_batch(feat.shape[0], feat.device, self.group)
+        if distributed(self.group):
+            check_same_batch(feat.shape[0], feat.device, self.group)
         x = gather_features(feat, self.group)
         y = gather_labels(labels, self.group)
         idx, n_pos = self.sample(y, step)
@@ -259,7 +302,8 @@ class ShardedPartialFC(nn.Module):
             shift = torch.zeros_like(cos)
             shift[rows, target_col[rows]] = self.margin
             cos = cos - shift
-        loss, correct = _ShardedSoftmaxCE.apply(cos * self.scale, target_col, self.label_smoothing, self.group)
+        loss, correct = sharded_cross_entropy(cos * self.scale, one_hot_columns(target_col, cos.shape[1]),
+                                              self.label_smoothing, self.group)
         return HeadOutput(loss, correct.float().mean(), len(idx), n_pos)
 
     def extra_repr(self) -> str:

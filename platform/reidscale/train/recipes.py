@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 
 from reidscale.losses import cross_entropy_label_smooth, i2t_cross_entropy, triplet_batch_hard
+from reidscale.losses.sharded_image_text import sharded_i2t_cross_entropy
 from reidscale.models.open_clip_tower import wrap_tower
 from reidscale.models.prompt_learner import build_clip
 from reidscale.models.reid import ReIDModel, build_classifier, build_reid_model
-from reidscale.train.clipreid import run_stage1, save_text_features
+from reidscale.models.sharded_fc import shard_range
+from reidscale.models.sharded_prompts import save_text_feature_rows
+from reidscale.train.clipreid import TEXT_FEATURE_ROWS, run_stage1, save_text_features
 from reidscale.train.config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +118,10 @@ class ClipReIDRecipe(BaselineRecipe):
         super().__init__(cfg)
         self.clip = None
         self.tower = None
+        # every identity's text feature; with model.shard_classifier only identities
+        # [text_lo, text_lo + len) of this worker's range, of num_classes
         self.text_features: torch.Tensor | None = None
+        self.text_lo, self.num_classes = 0, 0
 
     def build_model(self, num_classes: int) -> ReIDModel:
         c, size = self.cfg.clipreid, (self.cfg.transform.height, self.cfg.transform.width)
@@ -129,20 +135,33 @@ class ClipReIDRecipe(BaselineRecipe):
     def before_training(self, ctx) -> None:
         # stage 1 runs the image encoder frozen, outside any engine
         self.text_features = run_stage1(self.clip, ctx, visual=self.tower).to(ctx.device)
+        self.num_classes = ctx.plan.num_classes
+        if self.cfg.model.shard_classifier:
+            self.text_lo = shard_range(self.num_classes, ctx.rank, ctx.world)[0]
         del self.clip.transformer  # the text tower is done; keep only what stage 2 trains
 
     def save_to_checkpoint(self, directory: Path, rank: int) -> None:
         # stage 2 was trained against these: a run started from this checkpoint elsewhere
         # (train.resume_from) must use them, not learn new prompts
-        if rank == 0 and self.text_features is not None:
+        if self.text_features is None:
+            return
+        if self.cfg.model.shard_classifier:  # a collective: every worker its rows, rank 0 the index
+            save_text_feature_rows(self.text_features, self.text_lo, self.num_classes,
+                                   Path(directory) / TEXT_FEATURE_ROWS)
+        elif rank == 0:
             save_text_features(Path(directory), self.text_features)
 
     def loss_terms(self, model, batch: Batch) -> tuple[dict, float]:
         terms, acc, feat = id_and_metric_terms(model, batch, self.cfg, self.head)
         if self.text_features is not None and self.cfg.clipreid.i2t_weight > 0:
             # each image against every identity's frozen text feature
-            terms["i2t"] = (self.cfg.clipreid.i2t_weight, i2t_cross_entropy(
-                feat.float(), self.text_features, batch.labels, 1.0, epsilon=self.cfg.loss.label_smoothing))
+            if self.cfg.model.shard_classifier:  # a collective, the softmax split over the workers' identities
+                i2t = sharded_i2t_cross_entropy(feat.float(), batch.labels, self.text_features, self.text_lo, 1.0,
+                                                epsilon=self.cfg.loss.label_smoothing)
+            else:
+                i2t = i2t_cross_entropy(feat.float(), self.text_features, batch.labels, 1.0,
+                                        epsilon=self.cfg.loss.label_smoothing)
+            terms["i2t"] = (self.cfg.clipreid.i2t_weight, i2t)
         return terms, acc
 
 
