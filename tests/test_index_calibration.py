@@ -163,7 +163,8 @@ def test_build_refuses_bad_precomputed_vectors_naming_file_and_rows(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("target_recall", 1.5), ("recall_k", 0), ("calibration_sample", 0),
-                                       ("recalibrate_fraction", 0.0), ("calibration_queries", "missing.npy")])
+                                       ("recalibrate_fraction", 0.0), ("calibration_queries", "missing.npy"),
+                                       ("calibration_confidence", 1.0)])
 def test_build_job_config_names_a_bad_calibration_key(key, value):
     from reidscale.config import ConfigError
     from reidscale.index.job import IndexJobConfig
@@ -208,3 +209,30 @@ def test_an_unreachable_target_costs_one_ladder_not_one_per_reranking_width():
     assert [(r["params"]["k_factor_rf"], r["params"]["nprobe"]) for r in report["tried"]] == \
         [(64, p) for p in (1, 2, 3, 4, 6, 8)]
     assert not report["reached"] and report["recall_at_k"] == 0.5
+
+
+def test_a_setting_reaches_the_target_only_when_its_recall_is_surely_above_it():
+    """Mean recall 0.96 at nprobe 4, but every tenth query finds only 6 of 10: with 40 queries
+    the lower 95% bound is below 0.95, so calibration goes on to nprobe 6 (all found); comparing
+    the mean alone (confidence 0.5) stops at 4. The bound is checked against the plain formula."""
+    truth = np.arange(40 * 10).reshape(40, 10)
+
+    def search(q, k, params):
+        found = np.tile(truth[:, :1], (1, k)) * 0 - 1
+        found[:, :10] = truth
+        if params["nprobe"] < 4:
+            found[:, 5:] = -1
+        elif params["nprobe"] < 6:
+            found[::10, 6:] = -1  # 4 of 40 queries at 0.6, the rest at 1.0: mean 0.96
+        return found[:, :k]
+
+    q = np.zeros((40, 4), np.float32)
+    strict = cal_mod.calibrate_settings(search, q, truth, "IVF8,Flat", CalibrationSpec(target_recall=0.95))
+    plain = cal_mod.calibrate_settings(search, q, truth, "IVF8,Flat",
+                                       CalibrationSpec(target_recall=0.95, confidence=0.5))
+    assert plain["chosen"] == {"nprobe": 4} and plain["recall_at_k"] == pytest.approx(0.96)
+    assert strict["chosen"] == {"nprobe": 6} and strict["recall_at_k"] == 1.0
+    at4 = next(r for r in strict["tried"] if r["params"] == {"nprobe": 4})
+    per_query = np.where(np.arange(40) % 10 == 0, 0.6, 1.0)
+    expect = per_query.mean() - 1.6448536 * per_query.std(ddof=1) / np.sqrt(40)
+    assert at4["recall_at_k_low"] == pytest.approx(expect, abs=1e-6) and expect < 0.95

@@ -94,7 +94,7 @@ def test_train_job_runs_through_ray_job_submit(head):
     proc = _submit(
         env, "python", "jobs/train_clipreid.py", f"run_dir={run_dir}",
         "transform.height=32", "transform.width=16", "model.width=32", "model.layers=1", "model.heads=2",
-        "model.embed_dim=16", "train.epochs=1", "train.p=4", "train.k=2", "train.num_workers=2",
+        "model.embed_dim=16", "train.epochs=1", "train.p=4", "train.k=2", "train.num_workers=1",
         "train.cpus_per_worker=0.5", "train.log_every=1",
         options=("--submission-id", submission_id, "--metadata-json", json.dumps({"job_name": "train-train"})),
     )

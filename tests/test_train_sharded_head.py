@@ -1,6 +1,7 @@
 """model.shard_classifier=true through the training job: each of 2 workers holds half the ID
-table outside DeepSpeed, checkpoints hold one logical table, and a resumed run reads the head
-back. The head's arithmetic (exact softmax, gradient scale through DeepSpeed, re-sharding on
+table (and, with recipe=clipreid, the prompts of half the identities) outside DeepSpeed,
+checkpoints hold one logical table each, and a resumed run reads the head back and skips stage 1.
+The head's arithmetic (exact softmax, gradient scale through DeepSpeed, re-sharding on
 load) is tested against a replicated reference in test_sharded_fc.py."""
 
 import json
@@ -41,17 +42,23 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.timeout(1200)
-def test_sharded_head_trains_checkpoints_one_table_and_resumes_where_it_stopped(tmp_path, data_dir):
+def test_sharded_head_and_prompts_train_checkpoint_one_table_each_and_resume_where_they_stopped(tmp_path, data_dir):
+    # CLIP-ReID with the sharded head: one pair of jobs covers the ID head's table and the
+    # prompts' text-feature table (each job starts 2 workers: the suite's slowest kind of test)
     whole = tmp_path / "whole"
-    proc = _job(f"run_dir={whole}", f"data_dir={data_dir}", *TOY, "train.epochs=1")
+    clipreid = ["recipe=clipreid", "clipreid.stage1_epochs=1", "clipreid.stage1_batch=8"]
+    proc = _job(f"run_dir={whole}", f"data_dir={data_dir}", *TOY, *clipreid, "train.epochs=1")
+    out = proc.stdout + proc.stderr
     num_classes = json.loads((data_dir / "manifest.json").read_text())["num_classes"]
-    assert f"each of 2 workers holds {num_classes // 2} of {num_classes} identities" in proc.stdout + proc.stderr
+    mid = num_classes // 2
+    assert f"each of 2 workers holds {mid} of {num_classes} identities" in out
+    assert f"each of 2 workers trains the prompts of {mid} of {num_classes} identities" in out
+    assert "stage 1 epoch 1/1" in out and " i2t " in out  # stage 2 logged its sharded i2t term
 
-    # the checkpoint holds the table once, split at the ranks' ranges, each file as listed
+    # the checkpoint holds the head's table once, split at the ranks' ranges, each file as listed
     checkpoint = Path(json.loads((whole / "train_summary.json").read_text())["checkpoint"])
     index = json.loads((checkpoint / "sharded_fc" / "sharded_fc.json").read_text())
     assert index["num_classes"] == num_classes and index["saved_by_ranks"] == 2
-    mid = num_classes // 2
     assert [(s["lo"], s["hi"]) for s in index["shards"]] == [(0, mid), (mid, num_classes)]
     rows = [load_file(str(checkpoint / "sharded_fc" / s["file"]))["weight"] for s in index["shards"]]
     assert [r.shape for r in rows] == [(mid, 16), (num_classes - mid, 16)]
@@ -63,12 +70,23 @@ def test_sharded_head_trains_checkpoints_one_table_and_resumes_where_it_stopped(
     initial = np.concatenate([init_rows(s["lo"], s["hi"], 16, 0).numpy() for s in index["shards"]])
     assert np.abs(trained - initial).max() > 1e-4  # the head's own optimizer moved the centres
 
-    # a re-run to epoch 2 continues from that checkpoint, head rows and optimizer state included
-    # (the runs are not bitwise reproducible here, so the check is that the head was read back)
-    resumed = _job(f"run_dir={whole}", f"data_dir={data_dir}", *TOY, "train.epochs=2")
+    # the text features: one table of two per-range files, in the run dir and in the checkpoint
+    assert not (whole / "clipreid" / "text_features.safetensors").exists()
+    tables = []
+    for directory in (whole / "clipreid" / "text_features", checkpoint / "text_features"):
+        index = json.loads((directory / "text_features.json").read_text())
+        assert [(s["lo"], s["hi"]) for s in index["shards"]] == [(0, mid), (mid, num_classes)]
+        tables.append(np.concatenate([load_file(str(directory / s["file"]))["text_features"] for s in index["shards"]]))
+    assert tables[0].shape == (num_classes, 16) and np.isfinite(tables[0]).all()
+    np.testing.assert_array_equal(tables[0], tables[1])
+
+    # a re-run to epoch 2 continues from that checkpoint: head rows and optimizer state read back,
+    # stage 1 skipped (the runs are not bitwise reproducible here, so the check is what was read)
+    resumed = _job(f"run_dir={whole}", f"data_dir={data_dir}", *TOY, *clipreid, "train.epochs=2")
     out = resumed.stdout + resumed.stderr
     assert f"resuming from {checkpoint}" in out
     assert f"sharded ID head restored: {num_classes} identities from 2 shard file(s)" in out
+    assert "stage 1 already done: text features [0, " in out and "stage 1 epoch" not in out
     final = json.loads((whole / "train_summary.json").read_text())["final"]
     assert final["epoch"] == 2 and np.isfinite(final["epoch_loss"])
 
@@ -83,30 +101,3 @@ def test_sharded_head_configs_that_cannot_work_are_refused_before_any_work(tmp_p
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.timeout(1200)
-def test_sharded_clipreid_keeps_one_text_feature_table_and_skips_stage1_on_resume(tmp_path, data_dir):
-    run = tmp_path / "clipreid"
-    clipreid = ["recipe=clipreid", "clipreid.stage1_epochs=1", "clipreid.stage1_batch=8", "train.epochs=1"]
-    proc = _job(f"run_dir={run}", f"data_dir={data_dir}", *TOY, *clipreid)
-    out = proc.stdout + proc.stderr
-    num_classes = json.loads((data_dir / "manifest.json").read_text())["num_classes"]
-    mid = num_classes // 2
-    assert f"each of 2 workers trains the prompts of {mid} of {num_classes} identities" in out
-    assert "stage 1 epoch 1/1" in out and " i2t " in out  # stage 2 logged its sharded i2t term
-    # the text features: one table of two per-range files, in the run dir and in the checkpoint
-    assert not (run / "clipreid" / "text_features.safetensors").exists()
-    checkpoint = Path(json.loads((run / "train_summary.json").read_text())["checkpoint"])
-    tables = []
-    for directory in (run / "clipreid" / "text_features", checkpoint / "text_features"):
-        index = json.loads((directory / "text_features.json").read_text())
-        assert [(s["lo"], s["hi"]) for s in index["shards"]] == [(0, mid), (mid, num_classes)]
-        tables.append(np.concatenate([load_file(str(directory / s["file"]))["text_features"] for s in index["shards"]]))
-    assert tables[0].shape == (num_classes, 16) and np.isfinite(tables[0]).all()
-    np.testing.assert_array_equal(tables[0], tables[1])
-
-    resumed = _job(f"run_dir={run}", f"data_dir={data_dir}", *TOY, *clipreid[:-1], "train.epochs=2")
-    out = resumed.stdout + resumed.stderr
-    assert f"resuming from {checkpoint}" in out and "stage 1 already done: text features [0, " in out
-    assert "stage 1 epoch" not in out

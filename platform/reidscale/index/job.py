@@ -64,6 +64,10 @@ class IndexJobConfig:
     calibration_queries: str = ""
     calibration_sample: int = 1000
     calibration_seed: int = 0
+    # a setting reaches target_recall when the one-sided lower confidence bound of its mean recall over
+    # the sampled queries does (0.5: the mean itself), so the sample's own noise cannot pick a setting
+    # that misses on new queries
+    calibration_confidence: float = 0.95
     # Gallery.add re-calibrates once the rows added since the last calibration exceed this fraction of the gallery
     recalibrate_fraction: float = 0.1
     # L2-normalise precomputed vectors that are not (metric ip is then cosine)
@@ -112,7 +116,8 @@ class IndexJobConfig:
 
     def calibration_spec(self) -> CalibrationSpec:
         return CalibrationSpec(target_recall=self.target_recall, recall_k=self.recall_k, sample=self.calibration_sample,
-                               seed=self.calibration_seed, recalibrate_fraction=self.recalibrate_fraction)
+                               seed=self.calibration_seed, recalibrate_fraction=self.recalibrate_fraction,
+                               confidence=self.calibration_confidence)
 
     def resolved(self) -> "IndexJobConfig":
         run_dir = Path(self.run_dir).resolve()
