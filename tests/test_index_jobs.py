@@ -118,7 +118,10 @@ def test_query_images_are_embedded_with_the_index_model(tmp_path, tiny_model, im
         assert result["matches"][0]["identity"] == identity and result["matches"][0]["distance"] < 1e-5
 
 
-def test_gallery_add_images_uses_the_manifest_model_and_refuses_another(tmp_path, tiny_model, images):
+@pytest.mark.parametrize("reader", ["gallery", "shard actors"])
+def test_gallery_add_images_uses_the_manifest_model_and_refuses_another(tmp_path, tiny_model, images, reader):
+    """``Gallery.add(images=)`` and the same through ``DistributedGallery`` (the images embedded in
+    the client, the shard on an actor that maps it from disk)."""
     import torch
 
     from reidscale.embed import embed_images
@@ -129,49 +132,33 @@ def test_gallery_add_images_uses_the_manifest_model_and_refuses_another(tmp_path
     meta = pa.table({"row_id": np.arange(3, dtype=np.int64), "identity": np.arange(3, dtype=np.int64),
                      "camera": np.zeros(3, np.int32), "path": paths[:3]})
     sha = json.loads((tiny_model / "config.json").read_text())["weights_sha256"]
-    build_index(vectors, meta, tmp_path, factory="Flat", model_sha256=sha, extra={"model_dir": str(tiny_model)},
-                log=lambda *_: None)
-    gallery = Gallery(tmp_path)
-    ids = gallery.add(images=paths[3:], identities=[900, 901, 902], cameras=[1, 1, 1])
-    assert gallery.paths(ids).tolist() == paths[3:]
-    query, _ = embed_images(tiny_model, paths[4:5])
-    identity, _, row = gallery.search_identities(query, 1)
-    assert identity[0, 0] == 901 and row[0, 0] == ids[1]
-    with pytest.raises(ValueError, match="do not decode"):
-        gallery.add(images=[b"not an image"], identities=[1])
-    torch.manual_seed(1)
-    other = export_embedding_model(build_reid_model(TINY, SIZE, 4).embedding, TINY, SIZE, tmp_path / "other")
-    with pytest.raises(ValueError, match="not the model this index was built with"):
-        gallery.add(images=paths[:1], identities=[1], model_dir=other)
-
-
-def test_distributed_gallery_adds_images_with_the_index_model(tmp_path, tiny_model, images):
-    import ray
-
-    from reidscale.embed import embed_images
-    from reidscale.index.distributed import DistributedGallery
-
-    paths, _ = images
-    vectors, _ = embed_images(tiny_model, paths[:3])
-    meta = pa.table({"row_id": np.arange(3, dtype=np.int64), "identity": np.arange(3, dtype=np.int64),
-                     "camera": np.zeros(3, np.int32), "path": paths[:3]})
-    sha = json.loads((tiny_model / "config.json").read_text())["weights_sha256"]
     build_index(vectors, meta, tmp_path, factory="Flat", model_sha256=sha, model_dir=tiny_model, log=lambda *_: None)
-    dist = DistributedGallery(tmp_path, num_actors=1, actor_cpus=0.5, mmap=True)
+    if reader == "gallery":
+        gallery = Gallery(tmp_path)
+    else:
+        from reidscale.index.distributed import DistributedGallery
+
+        gallery = DistributedGallery(tmp_path, num_actors=1, actor_cpus=0.5, mmap=True)
     try:
-        ids = dist.add(images=paths[3:], identities=[900, 901, 902], cameras=[1, 1, 1])
-        assert dist.paths(ids).tolist() == paths[3:]
+        ids = gallery.add(images=paths[3:], identities=[900, 901, 902], cameras=[1, 1, 1])
+        assert gallery.paths(ids).tolist() == paths[3:] and gallery.ntotal == 6
         query, _ = embed_images(tiny_model, paths[4:5])
-        identity, _, row = dist.search_identities(query, 1)
+        identity, _, row = gallery.search_identities(query, 1)
         assert identity[0, 0] == 901 and row[0, 0] == ids[1]
         with pytest.raises(ValueError, match="do not decode"):
-            dist.add(images=[b"not an image"], identities=[1])
+            gallery.add(images=[b"not an image"], identities=[1])
         with pytest.raises(ValueError, match="exactly one of vectors or images"):
-            dist.add(vectors, [1, 2, 3], images=paths[:3])
-        assert dist.ntotal == 6
+            gallery.add(vectors, [1, 2, 3], images=paths[:3])
+        torch.manual_seed(1)
+        other = export_embedding_model(build_reid_model(TINY, SIZE, 4).embedding, TINY, SIZE, tmp_path / "other")
+        with pytest.raises(ValueError, match="not the model this index was built with"):
+            gallery.add(images=paths[:1], identities=[1], model_dir=other)
     finally:
-        dist.close()
-        ray.shutdown()
+        if reader != "gallery":
+            import ray
+
+            gallery.close()
+            ray.shutdown()
 
 
 def test_copied_index_and_model_find_each_other_and_a_changed_model_is_refused(tmp_path, tiny_model, images):

@@ -13,19 +13,13 @@ rtol 1e-5, atol 1e-6. Only the order of sums differs.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as tmp_mp
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gloo_ranks import run_ranks
 from reidscale.losses import i2t_cross_entropy, supervised_contrastive_i2t, supervised_contrastive_t2i
 from reidscale.losses.sharded_image_text import sharded_i2t_cross_entropy, sharded_supervised_contrastive
 from reidscale.models.backbone import ModelConfig
@@ -137,41 +131,13 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
-def _entry(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        result = _worker(rank, world, tmp)
-        save_file({k: v.detach().contiguous().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
-                   for k, v in result.items()}, str(Path(tmp) / f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_clipreid")
     # what one process saves, for scenario D (1 -> 2): the replicated table
     table = all_text_features(replicated_stage1(tiny_clip()), C)
     save_text_feature_rows(table, 0, C, tmp / "saved_by_1")
-    ctx = tmp_mp.start_processes(_entry, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.time() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} gloo ranks did not finish in {TIMEOUT_S} s")
-    per_rank = [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(WORLD)]
+    per_rank = run_ranks(_worker, WORLD, tmp, TIMEOUT_S)
     return {"ranks": per_rank, "tmp": tmp, "table": table}
 
 

@@ -1,0 +1,52 @@
+"""Run a function on N gloo ranks in spawned processes on 127.0.0.1 and collect what each returned.
+
+Shared by the tests of the sharded ID head and the sharded CLIP-ReID prompts: each rank calls
+``worker(rank, world, tmp)`` (a module-level function of the test module, so the spawned
+process can import it) and returns a dict of tensors, saved as ``rank<r>.safetensors``.
+"""
+
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as tmp_mp
+from safetensors.torch import load_file, save_file
+
+
+def _entry(rank: int, worker, world: int, port: int, tmp: str) -> None:
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        result = worker(rank, world, tmp)
+        save_file({k: v.detach().contiguous().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+                   for k, v in result.items()}, str(Path(tmp) / f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world: int, tmp: Path, timeout_s: float) -> list[dict]:
+    """Each rank's returned tensors, in rank order; the test fails if the ranks do not finish in time."""
+    ctx = tmp_mp.start_processes(_entry, args=(worker, world, _free_port(), str(tmp)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.time() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} gloo ranks did not finish in {timeout_s} s")
+    return [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(world)]
