@@ -12,12 +12,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,38 +25,14 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
+sys.path.insert(0, str(REPO / "clusters" / "local"))
+from two_nodes import two_node_cluster  # noqa: E402  (the cluster machinery, shared with bench/)
 FACTORY = "IVF32,PQ8x4fs,RFlat"
 SHARDS = 6
 
 
 def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (other people's clusters may hold any fixed one)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _holding_files_under(directory: Path) -> set[int]:
-    prefix = str(directory).rstrip("/") + "/"
-    found = set()
-    for proc in psutil.process_iter():
-        try:
-            if any(f.path.startswith(prefix) for f in proc.open_files()):
-                found.add(proc.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 def _is_loopback(ip: str) -> bool:
@@ -74,96 +47,12 @@ def _tagged(tag: str) -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
-# `ray start --address=...` refuses to join when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the switch that
-# keeps a node's IP (and so every socket) on 127.0.0.1 (reidscale/ray_runtime.py): without it Ray turns
-# --node-ip-address=127.0.0.1 into the machine's address. So the second node runs Ray's own `ray start`
-# with the switch on for the node's processes and two module constants of the CLI process changed: the
-# refusal off, and a loopback address kept as given. The listeners check below proves where it binds.
-JOIN_ON_LOOPBACK = """
-import sys
-from ray._private import ray_constants, services
-ray_constants.ENABLE_RAY_CLUSTER = True  # only the CLI's "multi-node not supported" check reads it here
-services.resolve_ip_for_localhost = lambda host: host  # --node-ip-address=127.0.0.1 stays 127.0.0.1
-from ray.scripts.scripts import main
-sys.argv = ["ray", "start", *sys.argv[1:]]
-main()
-"""
-
-
-def _reload_ray_auth() -> None:
-    """Make this process's Ray read RAY_AUTH_MODE / the token again. Ray's core caches both the first
-    time any Ray starts in a process, so a test before this one (a private Ray without a token) would
-    leave this driver unable to join the token-protected cluster. What Ray itself calls when it turns
-    token auth on (ray/_private/authentication/authentication_token_setup.py)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _ray_start(args: list[str], env: dict) -> None:
-    command = [RAY, "start"] if "--head" in args else [sys.executable, "-c", JOIN_ON_LOOPBACK]
-    proc = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"ray start {' '.join(args[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """A two-node loopback cluster this process is connected to: {"tag", "tmp", "nodes"}."""
-    tmp = Path(tempfile.mkdtemp(prefix="rs-dg-", dir="/tmp"))  # Ray's socket paths must stay short
-    tag = f"test-dg-{secrets.token_hex(6)}"
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "REIDSCALE_RAY"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", REIDSCALE_RAY_OWNER=tag,
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               PYTHONPATH=os.pathsep.join([str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    gcs, client, agent_a, agent_b = _free_ports(4)
-    address = f"127.0.0.1:{gcs}"
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
-              f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"]
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    started = False
-    try:
-        started = True  # from here on, whatever it started is stopped by its tag
-        _ray_start(["--head", f"--port={gcs}", "--include-dashboard=false",
-                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_a}",
-                    '--resources={"gallery_node_a": 1}', *common], env)
-        _ray_start([f"--address={address}", f"--dashboard-agent-listen-port={agent_b}",
-                    '--resources={"gallery_node_b": 1}', *common], env)
-        os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-        _reload_ray_auth()
-        import ray
-
-        from reidscale.ray_runtime import init_ray
-
-        init_ray()
-        deadline = time.monotonic() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-        yield {"tag": tag, "tmp": tmp, "nodes": nodes}
-    finally:
-        try:
-            import ray
-
-            ray.shutdown()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            _reload_ray_auth()  # later tests' Rays in this process see their own setting again
-            if started:
-                # by tag only: stop.sh's session-dir sign would also match this process (the driver's
-                # logs are there), so what is left holding files in our temp dir is ended here, by pid
-                subprocess.run(["bash", str(REPO / "clusters/local/stop.sh"), "--tag", tag], capture_output=True,
-                               timeout=120, env={**os.environ, "RAY_STOP_TIMEOUT": "5"})
-                for pid in _holding_files_under(tmp) - {os.getpid()}:
-                    os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(tmp, ignore_errors=True)
+    """A two-node loopback cluster this process is connected to: {"tag", "tmp", "address", "nodes"}
+    (clusters/local/two_nodes.py, which the distributed gallery benchmark starts too)."""
+    with two_node_cluster(resources=({"gallery_node_a": 1}, {"gallery_node_b": 1}), prefix="rs-dg-") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
