@@ -58,6 +58,50 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+class Periodic:
+    """Calls ``sample()`` every ``interval`` seconds in a thread while the ``with`` block runs, and
+    once more at its end (peak memory samplers: what they keep is theirs)."""
+
+    def __init__(self, sample: Callable[[], None], interval: float = 0.2):
+        import threading
+
+        self.sample, self.interval = sample, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def best_search(search: Callable, queries, k: int, repeats: int = 2, warm: int = 64) -> tuple[float, Any]:
+    """(best seconds, ids) of ``search(queries, k)`` over ``repeats`` runs after a warm-up on ``warm`` queries."""
+    search(queries[:warm], k)
+    best, ids = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, ids = search(queries, k)
+        best = min(best, time.perf_counter() - t0)
+    return best, ids
+
+
+def recall_at_k(found, truth, k: int) -> float:
+    """Mean |found ∩ truth| / k over queries (top-k ids each)."""
+    import numpy as np
+
+    return float(np.mean([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(found, truth)]))
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 

@@ -26,7 +26,6 @@ import copy
 import os
 import random
 import sys
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _common import print_table, write_results  # noqa: E402
+from _common import Periodic, print_table, write_results  # noqa: E402
 
 HEIGHT, WIDTH = 256, 128
 ROWS_PER_GROUP = 128  # the demo's row groups (~10 identities each)
@@ -101,17 +100,16 @@ def run_isolated(fn, *args):
 
 # --- peak memory of a process tree -------------------------------------------------------
 
-class TreeMemory:
-    """Samples the summed PSS of this process and all its descendants in a thread."""
+class TreeMemory(Periodic):
+    """Samples the summed PSS of this process and all its descendants in a thread: ``peak``."""
 
     def __init__(self, interval: float = 0.2):
         import psutil
 
-        self.root, self.interval, self.peak = psutil.Process(os.getpid()), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.root, self.peak = psutil.Process(os.getpid()), 0
+        super().__init__(self._record, interval)
 
-    def _sample(self) -> int:
+    def _record(self) -> None:
         import psutil
 
         total = 0
@@ -120,21 +118,7 @@ class TreeMemory:
                 total += proc.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self.peak = max(self.peak, total)
 
 
 # --- ours --------------------------------------------------------------------------------

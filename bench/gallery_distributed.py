@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import gib, machine_info, print_table, run_isolated, write_results
+from _common import Periodic, gib, machine_info, print_table, recall_at_k, run_isolated, write_results
 from index_ondisk import ground_truth
 from index_scale import WORK, distribution_embeddings
 
@@ -66,31 +65,20 @@ def build_with_tasks(data: str, index_dir: str, shards: int, factory: str, searc
     return {"build_s": time.perf_counter() - t0, "fill_nodes": manifest["fill"]["nodes"]}
 
 
-class WorkerPeaks:
-    """Peak RSS of every Ray worker process (``ray::`` in its title) seen while running."""
+class WorkerPeaks(Periodic):
+    """Peak RSS of every Ray worker process (``ray::`` in its title) seen while running: ``peaks``."""
 
-    def __init__(self):
+    def __init__(self, interval: float = 0.2):
         self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        super().__init__(self._record, interval)
 
-    def _sample(self):
+    def _record(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                title = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
-                if "ray::" in title and p.info["memory_info"] is not None:
-                    self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), p.info["memory_info"].rss)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            title = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
+            if "ray::" in title and p.info["memory_info"] is not None:
+                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), p.info["memory_info"].rss)
 
 
 def qps(search, queries: np.ndarray, batch: int, repeats: int = 3) -> tuple[float, tuple]:
@@ -158,7 +146,7 @@ def main() -> None:
                 single_qps, want = qps(single.search, qs, batch)
                 dist_qps, got = qps(dist.search, qs, batch)
                 same = bool(np.array_equal(want[1], got[1]) and np.array_equal(want[0], got[0]))
-                recall = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(got[1], truth[: len(qs)])]))
+                recall = recall_at_k(got[1], truth[: len(qs)], K)
                 rows.append({"batch": batch, "gallery_qps": single_qps, "distributed_qps": dist_qps,
                              "same_ids_and_scores": same, "recall10": recall})
                 print(f"batch {batch:>5}: Gallery {single_qps:8.0f} q/s | {len(placement)} shard actors "

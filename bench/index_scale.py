@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import gib, machine_info, print_table, run_isolated, write_results
+from _common import best_search, gib, machine_info, print_table, recall_at_k, run_isolated, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "bench" / "index_scale"
@@ -214,14 +214,9 @@ def measure(data: str, index_dir: str, factory: str, search_params: dict, num_sh
     gallery = Gallery(index_dir)
     load_s = time.perf_counter() - t0
     queries = np.load(f"{data}/queries.npy")
-    gallery.search(queries[:64], K)  # warm-up
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, ids = gallery.search(queries, K)
-        best = min(best, time.perf_counter() - t0)
+    best, ids = best_search(gallery.search, queries, K, repeats)
     exact = np.load(f"{data}/exact_ids.npy")
-    recall10 = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids, exact)]))
+    recall10 = recall_at_k(ids, exact, K)
     q_ident = np.load(f"{data}/query_identity.npy")
     files = [e["file"] for e in manifest["shards"]] + [manifest["trained"]["file"]]
     cal = manifest.get("calibration") or {}
