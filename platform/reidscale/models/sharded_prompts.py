@@ -69,8 +69,9 @@ class ShardedPromptLearner(PromptLearner):
         return super().forward(labels - self.lo)
 
 
-def prompt_optimizer(prompts: ShardedPromptLearner, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Stage 1's Adam (as ``train/clipreid._stage1_engine``) over this rank's prompt rows only."""
+def prompt_optimizer(prompts: PromptLearner, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Stage 1's Adam over the prompt rows a learner holds (this rank's only, when sharded); the
+    replicated path hands the same optimizer to DeepSpeed (``train/clipreid._stage1_engine``)."""
     return torch.optim.Adam([prompts.ctx], lr=lr, weight_decay=weight_decay)
 
 

@@ -75,9 +75,8 @@ def run_stage1(clip, ctx, visual=None) -> torch.Tensor:
     stage1 = Stage1Model(PromptLearner(num_classes, clip.token_embedding, n_ctx=c.n_ctx, noun=c.noun), TextTower(clip))
     visual = (visual if visual is not None else clip.visual).to(ctx.device)
     with _frozen(visual):
-        project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
         engine = _stage1_engine(stage1.to(ctx.device), ctx)
-        _train_prompts(_engine_step(engine), project, ctx)
+        _train_prompts(_engine_step(engine), visual, ctx)
         engine.eval()
         features = all_text_features(engine.module, num_classes, rank=ctx.rank, world=ctx.world)
         if ctx.rank == 0:
@@ -115,8 +114,7 @@ def _run_stage1_sharded(clip, ctx, visual=None) -> torch.Tensor:
                  f"{hi - lo} of {num_classes} identities")
     visual = (visual if visual is not None else clip.visual).to(ctx.device)
     with _frozen(visual):
-        project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
-        _train_prompts(_sharded_step(stage1, lo, hi, ctx), project, ctx)
+        _train_prompts(_sharded_step(stage1, lo, hi, ctx), visual, ctx)
         stage1.eval()
         rows = range_text_features(stage1, lo, hi)
     save_text_feature_rows(rows, lo, num_classes, table)  # a collective: every worker its file, rank 0 the index
@@ -202,7 +200,7 @@ def _stage1_engine(stage1, ctx):
     import deepspeed
 
     cfg, c = ctx.cfg, ctx.cfg.clipreid
-    optimizer = torch.optim.Adam([stage1.prompts.ctx], lr=c.stage1_lr, weight_decay=c.stage1_weight_decay)
+    optimizer = prompt_optimizer(stage1.prompts, c.stage1_lr, c.stage1_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _stage1_factor(ctx))
     # stage 1's batches are P identities × 1 image; ZeRO-3 would shard a tensor this small for nothing
     ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1,
@@ -212,10 +210,12 @@ def _stage1_engine(stage1, ctx):
     return engine
 
 
-def _train_prompts(step_fn, project, ctx) -> None:
+def _train_prompts(step_fn, visual, ctx) -> None:
     """Stage 1's epochs: each worker's own un-augmented stream, symmetric image↔text contrastive
-    loss; ``step_fn(image_features, labels) -> (loss, lr)`` takes one optimizer step."""
+    loss; ``step_fn(image_features, labels) -> (loss, lr)`` takes one optimizer step on the
+    frozen ``visual`` tower's embeddings."""
     cfg, c, rank, device = ctx.cfg, ctx.cfg.clipreid, ctx.rank, ctx.device
+    project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",
                       transform=cfg.transform)
