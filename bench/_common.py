@@ -84,6 +84,61 @@ class Periodic:
         self.sample()
 
 
+class TreeMemory(Periodic):
+    """Samples the summed PSS (proportional set size: shared pages split between the processes
+    that map them) of process ``pid`` and all its descendants in a thread: ``peak``, bytes."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.2):
+        import psutil
+
+        self.root, self.peak = psutil.Process(pid or os.getpid()), 0
+        super().__init__(self._record, interval)
+
+    def _record(self) -> None:
+        import psutil
+
+        total = 0
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.peak = max(self.peak, total)
+
+
+def _tree_child(conn, fn, args) -> None:
+    result = fn(*args)
+    conn.send((result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    conn.close()
+
+
+def run_process_tree(fn: Callable, *args) -> tuple[Any, int, int]:
+    """``fn(*args)`` in a fresh spawned, non-daemonic process (DataLoader workers and Ray need
+    children, which :func:`run_isolated`'s pool process may not have): (result, its peak RSS,
+    peak summed PSS of it and all its descendants).
+
+    The tree is sampled from this process, not inside the measured one, where the sampling
+    thread would take the GIL from the loop being timed (10% of a data pipeline's rate).
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_tree_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    with TreeMemory(proc.pid) as memory:
+        try:
+            result, peak_rss = parent.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode})") from None
+    proc.join()
+    return result, peak_rss, memory.peak
+
+
 def best_search(search: Callable, queries, k: int, repeats: int = 2, warm: int = 64) -> tuple[float, Any]:
     """(best seconds, ids) of ``search(queries, k)`` over ``repeats`` runs after a warm-up on ``warm`` queries."""
     search(queries[:warm], k)

@@ -14,7 +14,8 @@ start-up (Ray Data's first tasks, DataLoader worker forks; not ``ray.init``) and
 apart; the rate is batches over wall time of the later epochs, each epoch building its
 stream afresh as training does. Peak memory is the largest sum of PSS (proportional set
 size: shared pages split between the processes that map them) over the run's whole process
-tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 0.2 s.
+tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 0.2 s
+from the bench's own process (``_common.run_process_tree``), not from inside the measured one.
 
     python bench/data_throughput.py [--identities 500] [--epochs 3] [--p 16] [--k 4] [--only NAME] [--profile]
 """
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _common import Periodic, print_table, write_results  # noqa: E402
+from _common import print_table, run_process_tree, write_results  # noqa: E402
 
 HEIGHT, WIDTH = 256, 128
 ROWS_PER_GROUP = 128  # the demo's row groups (~10 identities each)
@@ -69,87 +70,40 @@ def build_data(work: Path, identities: int) -> tuple[Path, Path]:
     return shards, folder
 
 
-# --- isolation and peak memory ----------------------------------------------------------
-
-def _child(conn, fn, args) -> None:
-    import resource
-
-    result = fn(*args)
-    conn.send((result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
-    conn.close()
-
-
-def run_isolated(fn, *args):
-    """``fn(*args)`` in a fresh spawned, non-daemonic process (DataLoader workers and Ray need
-    children, which ``_common.run_isolated``'s pool process may not have): (result, its peak RSS)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
-    proc.start()
-    child.close()
-    try:
-        result = parent.recv()
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode})") from None
-    proc.join()
-    return result
-
-
-# --- peak memory of a process tree -------------------------------------------------------
-
-class TreeMemory(Periodic):
-    """Samples the summed PSS of this process and all its descendants in a thread: ``peak``."""
-
-    def __init__(self, interval: float = 0.2):
-        import psutil
-
-        self.root, self.peak = psutil.Process(os.getpid()), 0
-        super().__init__(self._record, interval)
-
-    def _record(self) -> None:
-        import psutil
-
-        total = 0
-        for proc in [self.root, *self.root.children(recursive=True)]:
-            try:
-                total += proc.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self.peak = max(self.peak, total)
-
-
 # --- ours --------------------------------------------------------------------------------
 
-def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False) -> dict:
-    """One worker's epochs through the pipeline, exactly as the training loop builds it."""
+def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, normalise_here: bool = False) -> dict:
+    """One worker's epochs through the pipeline, exactly as the training loop builds it.
+
+    Batches arrive uint8; training normalises them on its device (``model_input``), which on
+    a GPU is the GPU's work. ``normalise_here``: do that normalisation in this process on
+    the CPU, as a CPU-only training run does."""
     import ray
 
     from reidscale.data.pipeline import PKStream, row_groups, worker_epoch_dataset
     from reidscale.data.transforms import TransformConfig
+    from reidscale.models.inference import model_input
 
     cfg = TransformConfig(height=HEIGHT, width=WIDTH)
-    with TreeMemory() as mem:
-        t_start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        groups = row_groups(shards, "train")
-        stream = PKStream(p, k, seed=0, transform=cfg)
-        per_epoch = []
-        for epoch in range(epochs):
-            t0, cpu0, batches, images = time.perf_counter(), time.process_time(), 0, 0
-            ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1)
-            for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
-                batches += 1
-                images += len(batch["label"])
-            per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
-                              "driver_cpu_seconds": time.process_time() - cpu0})
-        stats = ds.stats() if profile else ""
-        ray.shutdown()
-        total = time.perf_counter() - t_start
-    return {"epochs": per_epoch, "total_seconds": total, "peak_pss_bytes": mem.peak, "decode_errors": stream.decode_errors,
-            "stats": stats}
+    t_start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    groups = row_groups(shards, "train")
+    stream = PKStream(p, k, seed=0)
+    per_epoch = []
+    for epoch in range(epochs):
+        t0, cpu0, batches, images = time.perf_counter(), time.process_time(), 0, 0
+        ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1)
+        for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
+            if normalise_here:
+                model_input(batch["image"], cfg)
+            batches += 1
+            images += len(batch["label"])
+        per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
+                          "driver_cpu_seconds": time.process_time() - cpu0})
+    stats = ds.stats() if profile else ""
+    ray.shutdown()
+    total = time.perf_counter() - t_start
+    return {"epochs": per_epoch, "total_seconds": total, "decode_errors": stream.decode_errors, "stats": stats}
 
 
 # --- the standard way --------------------------------------------------------------------
@@ -224,25 +178,24 @@ def run_dataloader(folder: str, p: int, k: int, epochs: int, workers: int = 2) -
 
     random.seed(0)
     np.random.seed(0)
-    with TreeMemory() as mem:
-        t_start = time.perf_counter()
-        dataset = JpegFolder(Path(folder))
-        # fork, Linux's default for a plain script: this function runs in a spawned process,
-        # whose children would otherwise be spawned too (each epoch re-importing torch: ~2x slower)
-        loader = DataLoader(dataset, batch_size=p * k, sampler=RandomIdentitySampler(dataset.pids, p * k, k),
-                            num_workers=workers, drop_last=True, multiprocessing_context="fork")
-        per_epoch = []
-        for _ in range(epochs):
-            t0, batches, images = time.perf_counter(), 0, 0
-            cpu0 = time.process_time()
-            for imgs, _labels in loader:
-                batches += 1
-                images += len(imgs)
-            per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
-                              "driver_cpu_seconds": time.process_time() - cpu0})
-        total = time.perf_counter() - t_start
-        del loader
-    return {"epochs": per_epoch, "total_seconds": total, "peak_pss_bytes": mem.peak, "torch_threads": torch.get_num_threads()}
+    t_start = time.perf_counter()
+    dataset = JpegFolder(Path(folder))
+    # fork, Linux's default for a plain script: this function runs in a spawned process,
+    # whose children would otherwise be spawned too (each epoch re-importing torch: ~2x slower)
+    loader = DataLoader(dataset, batch_size=p * k, sampler=RandomIdentitySampler(dataset.pids, p * k, k),
+                        num_workers=workers, drop_last=True, multiprocessing_context="fork")
+    per_epoch = []
+    for _ in range(epochs):
+        t0, batches, images = time.perf_counter(), 0, 0
+        cpu0 = time.process_time()
+        for imgs, _labels in loader:
+            batches += 1
+            images += len(imgs)
+        per_epoch.append({"batches": batches, "images": images, "seconds": time.perf_counter() - t0,
+                          "driver_cpu_seconds": time.process_time() - cpu0})
+    total = time.perf_counter() - t_start
+    del loader
+    return {"epochs": per_epoch, "total_seconds": total, "torch_threads": torch.get_num_threads()}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -268,7 +221,7 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=16)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
-    parser.add_argument("--only", default=None, help="run one pipeline: dataloader or ours")
+    parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours or ours_cpu_normalise")
     parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last epoch")
     args = parser.parse_args()
 
@@ -282,15 +235,18 @@ def main() -> None:
 
     pipelines = {
         "dataloader": ("torch DataLoader, 2 workers, RandomIdentitySampler, JPEG files",
-                       lambda: run_isolated(run_dataloader, str(folder), args.p, args.k, args.epochs)),
-        "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream",
-                 lambda: run_isolated(run_ours, str(shards), args.p, args.k, args.epochs, args.profile)),
+                       lambda: run_process_tree(run_dataloader, str(folder), args.p, args.k, args.epochs)),
+        "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream, uint8 to the device",
+                 lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, args.profile)),
+        "ours_cpu_normalise": ("ours, normalised in this process on the CPU (CPU-only training)",
+                               lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True)),
     }
     rows, results = [], {}
     for key, (name, run) in pipelines.items():
         if args.only not in (None, key):
             continue
-        out, driver_peak = run()
+        out, driver_peak, tree_peak = run()
+        out["peak_pss_bytes"] = tree_peak
         stats = out.pop("stats", "")
         if stats:
             print(f"--- {key}: Ray Data stats, last epoch ---\n{stats}")

@@ -66,7 +66,8 @@ def test_every_embedder_gives_the_plain_model_vectors_with_each_images_camera(ex
     validation = _embed_part(model, pa.table({"image": pa.array(jpegs, pa.binary()),
                                               "camera": pa.array(CAMERAS, pa.int32())}),
                              SIZE, torch.device("cpu"), torch.float32, batch_size=3)
-    decoded = decode_batch({"image": np.array(jpegs, dtype=object)}, SIZE, train=False)
+    # what embed.decoded's Ray Data tasks ship: uint8, normalised on the actor's device
+    decoded = decode_batch({"image": np.array(jpegs, dtype=object)}, SIZE, train=False, normalise=False)
     actor = Embedder(str(export))({"image": decoded["image"], "camera": CAMERAS, "row_id": np.arange(5)})
     for got in (in_process, np.stack(served), validation, actor["embedding"]):
         assert got.dtype == np.float32 and got.shape == want.shape

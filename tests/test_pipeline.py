@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 
 from reidscale.data.pipeline import PKStream, epoch_assignment, row_groups, worker_epoch_dataset
 from reidscale.data.shards import write_dataset
 from reidscale.data.sources.synthetic import SyntheticConfig, generate
-from reidscale.data.transforms import TransformConfig
+from reidscale.data.transforms import TransformConfig, decode_batch
+from reidscale.models.inference import model_input, normalise_on_device
 
 CFG = TransformConfig(height=32, width=16, pad=2)
 
@@ -25,7 +27,7 @@ def data(tmp_path_factory):
 
 def _epoch_batches(root, epoch, rank, world, seed=0):
     ds = worker_epoch_dataset(row_groups(root, "train"), CFG, epoch=epoch, seed=seed, rank=rank, world=world)
-    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank, transform=CFG)
+    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank)
     return [b for b in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch)]
 
 
@@ -66,7 +68,6 @@ def test_batches_carry_cameras_and_normalised_images_equal_to_the_float_path(dat
     import pyarrow.parquet as pq
 
     from reidscale.data.shards import split_files
-    from reidscale.data.transforms import decode_batch
 
     tables = [pq.read_table(str(f), columns=["row_id", "camera", "image"]) for f in split_files(data, "train")]
     by_row = {}
@@ -75,18 +76,28 @@ def test_batches_carry_cameras_and_normalised_images_equal_to_the_float_path(dat
                                          t.column("image").to_pylist()):
             by_row[row_id] = (camera, image)
     ds = worker_epoch_dataset(row_groups(data, "train"), CFG, epoch=0, seed=0, rank=0, world=1, train=False)
-    batches = list(PKStream(4, 2, seed=0, transform=CFG).epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), 0))
-    assert batches and all(b["image"].dtype == np.float32 for b in batches)
+    batches = list(PKStream(4, 2, seed=0).epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), 0))
+    # uint8 all the way to the training step, which normalises on its device
+    assert batches and all(b["image"].dtype == np.uint8 for b in batches)
     for batch in batches[:3]:
         assert batch["camera"].tolist() == [by_row[r][0] for r in batch["row_id"].tolist()]
         expected = decode_batch({"image": np.array([by_row[r][1] for r in batch["row_id"].tolist()], dtype=object)},
                                 CFG, train=False)["image"]
-        np.testing.assert_allclose(batch["image"], expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(model_input(batch["image"], CFG).numpy(), expected, rtol=0, atol=1e-6)
 
 
 def test_uint8_images_without_a_transform_are_refused():
-    stream = PKStream(2, 1, seed=0)
-    batch = {"image": np.zeros((2, 3, 4, 2), np.uint8), "identity": np.array([5, 6]), "label": np.array([0, 1]),
-             "row_id": np.array([0, 1]), "decode_ok": np.array([True, True])}
-    with pytest.raises(ValueError, match="no transform"):
-        list(stream.epoch([batch], 0))
+    with pytest.raises(ValueError, match="mean and std"):
+        model_input(np.zeros((2, 3, 4, 2), np.uint8), None)
+
+
+def test_model_input_normalises_exactly_as_the_numpy_reference():
+    from reidscale.data.transforms import normalise_batch
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 8, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(model_input(images, CFG).numpy(), normalise_batch(images, CFG))
+    # the accelerator's path (torch ops on the device), run here on the CPU
+    np.testing.assert_array_equal(normalise_on_device(images, CFG, "cpu").numpy(), normalise_batch(images, CFG))
+    floats = normalise_batch(images, CFG)
+    assert model_input(floats, None).dtype == torch.float32  # already normalised: moved as it is
+    assert model_input(images, CFG, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -127,3 +127,86 @@ def test_sixteen_bit_greyscale_keeps_its_gradient_in_eight_bits(fmt, dtype, mode
     expected = np.repeat((gradient // 256).astype(np.uint8)[:, :, None], 3, axis=2)
     np.testing.assert_array_equal(got, expected)
     assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 200  # not a white sheet
+
+
+# --- the decoders: simplejpeg where it applies, Pillow as reference and fallback -------------
+
+def _photo_like(h, w, seed=0):
+    """Smooth shading, sensor-like noise and a hard-edged patch: what the decoders' filters
+    disagree on most (flat synthetic colour would hide any difference)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 60 * np.sin(x / (7 + c) + y / (11 + 2 * c)) for c in range(3)], -1)
+    img += rng.normal(0, 12, img.shape)
+    img[h // 3 : h // 2, w // 4 : 3 * w // 4] = (200, 40, 40)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _encode(pixels, mode="RGB", **save):
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def without_simplejpeg(monkeypatch):
+    from reidscale.data import transforms
+
+    monkeypatch.setattr(transforms, "simplejpeg", None)
+
+
+ENCODINGS = {"4:2:0": {}, "4:4:4": {"subsampling": 0}, "progressive": {"progressive": True}, "grey": {"mode": "L"},
+             "CMYK": {"mode": "CMYK"}}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@pytest.mark.parametrize("stored, target", [((64, 32), (64, 32)), ((40, 20), (64, 32)), ((200, 100), (64, 32)),
+                                            ((100, 300), (64, 32))])
+def test_simplejpeg_and_the_pillow_fallback_decode_the_same_pixels(encoding, stored, target, monkeypatch):
+    from reidscale.data import transforms
+
+    assert transforms.simplejpeg is not None, "simplejpeg is a dependency (pyproject.toml)"
+    data = _encode(_photo_like(*stored), **ENCODINGS[encoding])
+    for scaled in (True, False):
+        fast = decode(data, *target, scaled=scaled)
+        assert fast is not None and fast.shape == (*target, 3)
+        monkeypatch.setattr(transforms, "simplejpeg", None)
+        np.testing.assert_array_equal(fast, decode(data, *target, scaled=scaled))
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("stored", [(512, 256), (600, 300), (1024, 512), (768, 512)])
+def test_scaled_decode_stays_within_three_grey_levels_of_a_full_decode(stored):
+    """Decoding a large JPEG at 1/2..1/8 scale in the DCT domain, then resizing, differs from
+    resizing the full decode (Pillow's antialiased bilinear) by a mean of < 3 levels of 255."""
+    data = _encode(_photo_like(*stored, seed=1))
+    scaled, full = decode(data, 256, 128), decode(data, 256, 128, scaled=False)
+    diff = np.abs(scaled.astype(int) - full.astype(int))
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) <= 16
+    assert diff.any()  # really a different decode: the check above can fail
+
+
+def test_scaled_decode_is_a_transform_setting_the_batch_path_honours(without_simplejpeg):
+    data = np.array([_encode(_photo_like(512, 256))], dtype=object)
+    on = decode_batch({"image": data}, TransformConfig(), train=False, normalise=False)["image"]
+    off = decode_batch({"image": data}, TransformConfig(scaled_decode=False), train=False, normalise=False)["image"]
+    np.testing.assert_array_equal(off[0], decode(data[0], 256, 128, scaled=False).transpose(2, 0, 1))
+    assert not np.array_equal(on, off)
+
+
+def test_fused_augmentation_equals_flip_shift_then_erase_on_uint8(without_simplejpeg):
+    """The uint8 batch path (flip, shift and layout in one copy) against the step-by-step
+    _flip_shift on the decoded pixels, with the same draws; erased box at the mean's level."""
+    from reidscale.data.transforms import _erase_box, _flip_shift
+
+    cfg = TransformConfig(height=32, width=16, pad=5, flip_prob=0.5, random_erasing_prob=0.5)
+    images = [_jpeg(h=48, w=24, seed=s) for s in range(16)]
+    out = decode_batch({"image": np.array(images, dtype=object)}, cfg, train=True, seed=4, normalise=False)["image"]
+    rng = np.random.default_rng(4)
+    fill = np.round(np.asarray(cfg.mean) * 255).astype(np.uint8)
+    for got, data in zip(out, images):
+        expected = _flip_shift(decode(data, 32, 16), cfg, rng).transpose(2, 0, 1).copy()
+        if rng.random() < cfg.random_erasing_prob and (box := _erase_box(32, 16, rng)) is not None:
+            y, x, eh, ew = box
+            expected[:, y : y + eh, x : x + ew] = fill[:, None, None]
+        np.testing.assert_array_equal(got, expected)

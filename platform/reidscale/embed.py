@@ -64,15 +64,17 @@ class Embedder:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_embedding_model(model_dir)
+        self.model, config = load_embedding_model(model_dir)
         self.model.to(self.device)
+        self.transform = config["transform_config"]
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
         from reidscale.models.inference import embed_batch
 
         t0 = time.perf_counter()
-        emb = embed_batch(self.model, batch["image"], batch.get("camera"), device=self.device)  # SIE: each camera
+        # uint8 from the decode tasks, normalised on this actor's device; SIE: each camera
+        emb = embed_batch(self.model, batch["image"], batch.get("camera"), transform=self.transform, device=self.device)
         seconds = time.perf_counter() - t0
         out = {k: v for k, v in batch.items() if k not in ("image",)}
         out["embedding"] = emb

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from reidscale.data import shards
 from reidscale.data.sampler import PKBatcher, RandomBatcher
-from reidscale.data.transforms import TransformConfig, decode_batch, normalise_batch
+from reidscale.data.transforms import TransformConfig, decode_batch
 
 
 def read_split(root: str | Path, split: str, *, verify: bool = True):
@@ -37,10 +37,13 @@ def read_split(root: str | Path, split: str, *, verify: bool = True):
 
 
 def decoded(ds, cfg: TransformConfig, *, train: bool, batch_size: int = 64):
-    """Attach decode (+ augmentation when ``train``) as a streaming map on Ray workers."""
+    """Attach decode (+ augmentation when ``train``) as a streaming map on Ray workers.
+
+    Images come out uint8 N×3×H×W (a quarter of float32's bytes through the object store);
+    ``models.inference.model_input`` normalises them where the model runs."""
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"cfg": cfg, "train": train},
+        fn_kwargs={"cfg": cfg, "train": train, "normalise": False},
         batch_size=batch_size,
         batch_format="numpy",
     )
@@ -80,8 +83,9 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool) -> di
 
     Images leave the task as uint8 N×3×H×W, not normalised float32: a quarter of the bytes
     through the object store, and the consumer's window pins whole blocks while their rows
-    wait for a batch. ``PKStream`` normalises each finished P×K batch (1.5× the batches/s of
-    float32 blocks and 1 GB less memory in bench/data_throughput.py).
+    wait for a batch (1.5× the batches/s of float32 blocks and 1 GB less memory in
+    bench/data_throughput.py). They stay uint8 to the model's device, where
+    ``models.inference.model_input`` normalises them.
     """
     outputs = []
     for path, group, seed in zip(batch["path"], batch["row_group"], batch["seed"]):
@@ -89,6 +93,8 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool) -> di
             int(group), columns=["image", "identity", "label", "row_id", "camera"])
         cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
         outputs.append(decode_batch(cols, cfg, train=train, seed=int(seed), normalise=False))
+    if len(outputs) == 1:  # the usual one row group per task: no 12 MB copy
+        return outputs[0]
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
@@ -118,19 +124,17 @@ def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed
 class PKStream:
     """Turn a worker's stream of decoded row groups into P×K numpy batches, counting bad rows.
 
-    Yields dicts ``image`` (P*K, 3, H, W) float32, ``label``, ``identity`` and ``row_id``
-    (P*K,) int64, ``camera`` (P*K,) int64, ordered identity by identity. uint8 images (what
-    :func:`read_decode_row_groups` emits) are normalised with ``transform`` per batch.
+    Yields dicts ``image`` (P*K, 3, H, W) as decoded (uint8 from :func:`read_decode_row_groups`:
+    the training step normalises on its device), ``label``, ``identity`` and ``row_id``
+    (P*K,) int64, ``camera`` (P*K,) int64, ordered identity by identity.
     ``pad()`` gives extra batches from identities already seen, for a worker whose stream
     ran out before the others'.
     """
 
-    def __init__(self, p: int, k: int, *, seed: int, window_identities: int | None = None, mode: str = "pk",
-                 transform: TransformConfig | None = None):
+    def __init__(self, p: int, k: int, *, seed: int, window_identities: int | None = None, mode: str = "pk"):
         if mode not in ("pk", "hard", "random"):
             raise ValueError(f"sampler mode {mode!r} is not one of pk, hard, random")
         self.p, self.k, self.seed, self.mode = p, k, seed, mode
-        self.transform = transform
         self.window_identities = window_identities
         self.decode_errors = 0
         self.rows_seen = 0
@@ -175,13 +179,8 @@ class PKStream:
         return self._stack(self.batcher.extra())
 
     def _stack(self, pk: list) -> dict:
-        images = np.stack([row[0] for _, row in pk])
-        if images.dtype == np.uint8:
-            if self.transform is None:
-                raise ValueError("PKStream got uint8 images but no transform to normalise them with")
-            images = normalise_batch(images, self.transform)
         return {
-            "image": images,
+            "image": np.stack([row[0] for _, row in pk]),
             "label": np.asarray([row[1] for _, row in pk], dtype=np.int64),
             "row_id": np.asarray([row[2] for _, row in pk], dtype=np.int64),
             "camera": np.asarray([row[3] for _, row in pk], dtype=np.int64),

@@ -35,6 +35,7 @@ from reidscale import atomic
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
 from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
 from reidscale.losses.sharded_image_text import sharded_supervised_contrastive
+from reidscale.models.inference import model_input
 from reidscale.models.prompt_learner import PromptLearner, Stage1Model, TextTower, all_text_features
 from reidscale.models.sharded_fc import shard_range
 from reidscale.models.sharded_prompts import (ShardedPromptLearner, has_text_feature_rows, load_text_feature_rows,
@@ -217,8 +218,7 @@ def _train_prompts(step_fn, visual, ctx) -> None:
     cfg, c, rank, device = ctx.cfg, ctx.cfg.clipreid, ctx.rank, ctx.device
     project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
     # seeds apart from stage 2's, so the two stages do not see the same order
-    stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random",
-                      transform=cfg.transform)
+    stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random")
     step, t0 = 0, time.time()
     for epoch in range(c.stage1_epochs):
         dataset = worker_epoch_dataset(ctx.plan.row_groups, cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
@@ -228,7 +228,7 @@ def _train_prompts(step_fn, visual, ctx) -> None:
         for batch in lockstep(real, stream, device):
             labels = torch.from_numpy(batch["label"]).to(device)
             with torch.no_grad():
-                image_features = project(torch.from_numpy(batch["image"]).to(device)).float()
+                image_features = project(model_input(batch["image"], cfg.transform, device=device)).float()
             loss, lr = step_fn(image_features, labels)
             step += 1
             if rank == 0 and step % cfg.train.log_every == 0:

@@ -24,6 +24,7 @@ import torch
 
 from reidscale import atomic, tracking
 from reidscale.data.pipeline import PKStream, worker_epoch_dataset
+from reidscale.models.inference import model_input
 from reidscale.models.reid import export_embedding_model, side_inputs
 from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
 from reidscale.train import engine as eng
@@ -109,8 +110,7 @@ def set_up(plan: WorkerPlan) -> tuple[Worker, TrainState]:
             log.info(f"sharded ID head: {w.sharded.head.extra_repr()} (each of {w.world} workers holds "
                      f"{w.sharded.head.num_local} of {plan.num_classes} identities)")
     w.stream = PKStream(cfg.train.p, cfg.train.k, seed=cfg.train.seed * 1_000_003 + w.rank,
-                        window_identities=cfg.train.window_identities or None, mode=cfg.train.sampler,
-                        transform=cfg.transform)
+                        window_identities=cfg.train.window_identities or None, mode=cfg.train.sampler)
     return w, state
 
 
@@ -251,7 +251,7 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     stats = EpochStats()
     t0 = time.time()
     for raw in eng.lockstep(real, w.stream, w.device):
-        batch = Batch(torch.from_numpy(raw["image"]).to(device=w.device, dtype=w.dtype),
+        batch = Batch(model_input(raw["image"], w.cfg.transform, device=w.device, dtype=w.dtype),
                       torch.from_numpy(raw["label"]).to(w.device),
                       side_inputs(w.model, raw.get("camera"), w.device),  # {} unless the backbone has SIE
                       step=state.global_step)
