@@ -139,6 +139,26 @@ def run_process_tree(fn: Callable, *args) -> tuple[Any, int, int]:
     return result, peak_rss, memory.peak
 
 
+def _busy_jiffies() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(max_busy: float = 0.15, window: float = 1.0, timeout: float = 60.0) -> float:
+    """Block until the machine's CPUs were less than ``max_busy`` busy over ``window`` seconds
+    (processes a previous run left behind, such as Ray workers shutting down, would otherwise
+    slow the next measurement); give up after ``timeout``. Returns the last busy share."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy0, total0 = _busy_jiffies()
+        time.sleep(window)
+        busy1, total1 = _busy_jiffies()
+        share = (busy1 - busy0) / max(total1 - total0, 1)
+        if share < max_busy or time.monotonic() > deadline:
+            return share
+
+
 def best_search(search: Callable, queries, k: int, repeats: int = 2, warm: int = 64) -> tuple[float, Any]:
     """(best seconds, ids) of ``search(queries, k)`` over ``repeats`` runs after a warm-up on ``warm`` queries."""
     search(queries[:warm], k)

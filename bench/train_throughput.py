@@ -2,10 +2,12 @@
 
 Same model, batch, loss and optimizer; the batches are tensors already in memory, so the
 figure measures what the framework costs (process group, DeepSpeed engine, Ray Train
-reporting), not data loading. Rows: plain loop (1 process), Ray Train + DeepSpeed with 1
-worker, and with 2 workers (data parallel, gloo on CPU).
+reporting), not data loading. Ours: Ray Train + DeepSpeed with 1 worker, and with 2 workers
+(data parallel, gloo on CPU), each against the plain loop (1 process, ``--threads`` threads)
+run right before or after it: ``--pairs`` interleaved pairs, the ratio taken per pair and
+the median reported.
 
-    python bench/train_throughput.py [--steps 40] [--threads 2]
+    python bench/train_throughput.py [--steps 80] [--threads 2] [--pairs 5]
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import print_table, write_results  # noqa: E402
+from _common import print_table, run_isolated, wait_until_quiet, write_results  # noqa: E402
 from reidscale.config import load_config  # noqa: E402
 from reidscale.models.reid import build_reid_model  # noqa: E402
 from reidscale.train.config import TrainJobConfig  # noqa: E402
-from reidscale.train.engine import deepspeed_config, make_optimizer  # noqa: E402
+from reidscale.train.engine import build_engine, deepspeed_config, make_optimizer  # noqa: E402
 from reidscale.train.recipes import compute_loss  # noqa: E402
 from reidscale.train.job import omp_env  # noqa: E402
 
@@ -65,15 +67,15 @@ def plain_loop(cfg: TrainJobConfig, steps: int, warmup: int, threads: int) -> fl
 
 
 def _ray_worker(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     cfg = config["cfg"]
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     model = build_reid_model(cfg.model, cfg.transform, NUM_CLASSES)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, "fp32"), dist_init_required=False)
+    # the engine exactly as training builds it (engine.build_engine), at a constant lr
+    engine = build_engine(model, make_optimizer(model, cfg), lambda step: 1.0, deepspeed_config(cfg, "fp32"),
+                          torch.device("cpu"))
     rank = ray.train.get_context().get_world_rank()
 
     def step(images, labels):
@@ -101,41 +103,90 @@ def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, th
         run_config=ray.train.RunConfig(name=f"bench-{workers}w", storage_path=storage,
                                        worker_runtime_env=omp_env(threads)),
     )
+    before = _cpu_seconds_by_process()
+    t0 = time.perf_counter()
     trainer.fit()
+    wall = time.perf_counter() - t0
+    after = _cpu_seconds_by_process()
+    used = {key: after[key] - before.get(key, 0.0) for key in after}
+    workers_cpu = sum(v for (pid, name), v in used.items() if "RayTrainWorker" in name)
+    others = sum(used.values()) - workers_cpu
+    _CPU_SHARES.append({"workers": workers, "train_worker_cores": workers_cpu / wall,
+                        "other_ray_cores": others / wall})
     return [json.loads((out / f"rank{r}.json").read_text())["images_per_s"] for r in range(workers)]
 
 
+_CPU_SHARES: list[dict] = []
+
+
+def _cpu_seconds_by_process() -> dict[tuple[int, str], float]:
+    """CPU seconds so far of every process on the machine, by (pid, name): who took the cores
+    during a fit (the training workers, or Ray's controller, agents and helper actors)."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            times = proc.cpu_times()
+            out[(proc.pid, " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])[:80])] = times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
 def main() -> None:
+    import statistics
     import tempfile
 
     import ray
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process rows")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved (plain, ours) pairs per worker count")
     args = parser.parse_args()
     cfg = load_config(TrainJobConfig, CONFIG)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="bench-train-")
 
-    plain = plain_loop(cfg, args.steps, args.warmup, args.threads)
-    one = sum(ray_deepspeed(cfg, 1, args.steps, args.warmup, args.threads, storage))
-    two = sum(ray_deepspeed(cfg, 2, args.steps, args.warmup, max(1, args.threads // 2), storage))
-    rows = [
-        {"setup": f"plain PyTorch loop, 1 process, {args.threads} threads", "images/s": f"{plain:.1f}", "vs plain": "1.00"},
-        {"setup": f"Ray Train + DeepSpeed, 1 worker, {args.threads} threads", "images/s": f"{one:.1f}",
-         "vs plain": f"{one / plain:.2f}"},
-        {"setup": f"Ray Train + DeepSpeed, 2 workers × {max(1, args.threads // 2)} thread", "images/s": f"{two:.1f}",
-         "vs plain": f"{two / plain:.2f}"},
-    ]
+    # The machine's speed drifts between runs (the plain loop alone moved 583 -> 680 images/s
+    # between two runs): each ratio is taken within one pair, run back to back, and the pair's
+    # order alternates so a drift within a pair favours neither side.
+    pairs: dict[int, list[dict]] = {1: [], 2: []}
+    for i in range(args.pairs):
+        for workers in (1, 2):
+            threads = args.threads if workers == 1 else max(1, args.threads // workers)
+            runs = {}
+            for side in (("plain", "ours") if i % 2 == 0 else ("ours", "plain")):
+                wait_until_quiet()  # a finished fit's workers take seconds to exit
+                # the plain loop in a fresh process: the driver keeps Ray Train's threads after a fit
+                runs[side] = (run_isolated(plain_loop, cfg, args.steps, args.warmup, args.threads)[0]
+                              if side == "plain" else
+                              sum(ray_deepspeed(cfg, workers, args.steps, args.warmup, threads, storage)))
+            pairs[workers].append({**runs, "ratio": runs["ours"] / runs["plain"], **_CPU_SHARES[-1]})
+            print(f"pair {i + 1}/{args.pairs}, {workers} worker(s): plain {runs['plain']:.1f}, "
+                  f"ours {runs['ours']:.1f} images/s, ratio {runs['ours'] / runs['plain']:.3f}", flush=True)
+    rows, summary = [], {}
+    for workers, found in pairs.items():
+        ratios = [p["ratio"] for p in found]
+        threads = args.threads if workers == 1 else max(1, args.threads // workers)
+        summary[f"{workers}w"] = {"pairs": found, "median_ratio": statistics.median(ratios),
+                                  "min_ratio": min(ratios), "max_ratio": max(ratios)}
+        rows.append({"setup": f"Ray Train + DeepSpeed, {workers} worker(s) × {threads} thread(s)",
+                     "plain images/s (median)": f"{statistics.median(p['plain'] for p in found):.1f}",
+                     "ours images/s (median)": f"{statistics.median(p['ours'] for p in found):.1f}",
+                     "ratio per pair": " ".join(f"{r:.2f}" for r in ratios),
+                     "cores: train workers / all other processes (median)":
+                         f"{statistics.median(p['train_worker_cores'] for p in found):.2f} / "
+                         f"{statistics.median(p['other_ray_cores'] for p in found):.2f}",
+                     "median ratio": f"{statistics.median(ratios):.3f}"})
     print_table(rows)
     batch = cfg.train.p * cfg.train.k
     write_results("train_throughput", {
         "model": "demo tiny ViT (configs/demo/train.yaml)", "batch_per_worker": batch,
         "image": [cfg.transform.height, cfg.transform.width], "steps": args.steps, "warmup": args.warmup,
-        "plain_images_per_s": plain, "ray_deepspeed_1w_images_per_s": one, "ray_deepspeed_2w_images_per_s": two,
-        "ratio_1w_vs_plain": one / plain, "ratio_2w_vs_plain": two / plain,
+        "plain_threads": args.threads, "pairs": args.pairs, "results": summary,
     })
 
 

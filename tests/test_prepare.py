@@ -228,3 +228,51 @@ def test_file_source_progress_counts_skipped_images_and_logs_on_their_own_lines(
     list(_progress(records(), 5, "test images"))
     err = capsys.readouterr().err
     assert any(line == "Ray Data says hello" for line in err.replace("\r", "\n").split("\n")), repr(err)
+
+
+def test_crops_stored_at_the_training_size_decode_as_the_files_would(tmp_path):
+    """store_height/store_width: each crop is the decoder's view of its file (EXIF turn applied),
+    resized and re-encoded; the shards keep the file's displayed size, the manifest the stored one."""
+    from reidscale.data.shards import read_manifest
+    from reidscale.data.transforms import decode
+
+    src = tmp_path / "src" / "7"
+    src.mkdir(parents=True)
+    y, x = np.mgrid[0:96, 0:48]
+    pixels = np.stack([x * 5, y * 2, (x + y) * 1.5], -1).astype(np.uint8)  # smooth: JPEG keeps it closely
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(src / "plain.jpg", "JPEG", quality=95)
+    Image.fromarray(pixels).save(src / "rotated.jpg", "JPEG", quality=95, exif=exif.tobytes())
+    Image.fromarray(pixels).save(src / "lossless.png", "PNG")
+    prepare(config(tmp_path / "src", tmp_path / "out", source="folder", store_height=32, store_width=16))
+    table = pq.read_table(next((tmp_path / "out").glob("train-*.parquet")), columns=["path", "image", "width", "height"])
+    rows = {p: (img, w, h) for p, img, w, h in zip(*(table.column(c).to_pylist() for c in ("path", "image", "width", "height")))}
+    assert {p: (w, h) for p, (_, w, h) in rows.items()} == {"7/plain.jpg": (48, 96), "7/rotated.jpg": (96, 48),
+                                                           "7/lossless.png": (48, 96)}
+    for path, (stored, _, _) in rows.items():
+        assert Image.open(io.BytesIO(stored)).size == (16, 32) and Image.open(io.BytesIO(stored)).format == "JPEG"
+        want = decode((src.parent / path).read_bytes(), 32, 16).astype(int)  # the file as an epoch would see it
+        got = decode(stored, 32, 16).astype(int)
+        assert np.abs(got - want).mean() < 2.0, path  # one JPEG generation at quality 95
+    assert read_manifest(tmp_path / "out")["stored_size"] == {"height": 32, "width": 16, "quality": 95}
+
+
+def test_synthetic_crops_can_be_stored_at_the_training_size(tmp_path):
+    from reidscale.data.shards import read_manifest
+
+    prepare(load_config(PrepareJobConfig, overrides=[f"out_dir={tmp_path}", "synthetic.num_identities=6",
+                                                     "store_height=64", "store_width=32"]))
+    table = pq.read_table(next(tmp_path.glob("train-*.parquet")), columns=["image", "width", "height"])
+    assert {Image.open(io.BytesIO(b)).size for b in table.column("image").to_pylist()} == {(32, 64)}
+    assert set(table.column("width").to_pylist()) == {64}  # the rendered crop's own size
+    assert read_manifest(tmp_path)["stored_size"]["height"] == 64
+
+
+@pytest.mark.parametrize("override, field", [(["store_height=256"], "store_height/store_width"),
+                                             (["store_height=8", "store_width=4"], "at least 16"),
+                                             (["store_height=64", "store_width=32", "store_quality=0"], "store_quality")])
+def test_a_half_given_or_bad_stored_size_is_refused_before_any_work(override, field, tmp_path):
+    with pytest.raises(ConfigError, match=field):
+        load_config(PrepareJobConfig, overrides=[f"out_dir={tmp_path}", *override]).validate()
+    assert not any(tmp_path.iterdir())

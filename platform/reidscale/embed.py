@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,8 @@ from reidscale.models import exported
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_MANIFEST = "embeddings.json"
+# what the embedding shards keep of each row, beside the vector
+EMBED_COLUMNS = ("image", "row_id", "identity", "camera", "path")
 
 
 @dataclass
@@ -46,11 +48,17 @@ class EmbedConfig:
     # "auto": one GPU per actor when the cluster has GPUs
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_actor: float = 1.0
+    # torch threads of a CPU actor; 0: the cluster's CPUs divided among the actors (actor_threads)
+    torch_threads: int = 0
+    # CPUs Ray reserves per decode task (one task per row group)
+    cpus_per_decode_task: float = 1.0
     rows_per_shard: int = 200_000
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1 or self.rows_per_shard < 1:
             raise ConfigError("batch_size, num_actors, rows_per_shard: must be >= 1")
+        if self.torch_threads < 0 or self.cpus_per_decode_task <= 0:
+            raise ConfigError("torch_threads: must be >= 0 (0: automatic); cpus_per_decode_task: must be > 0")
 
 
 class Embedder:
@@ -98,6 +106,18 @@ def actor_cpus(cfg: EmbedConfig, cluster_cpus: float, use_gpu: bool) -> float:
     return capped
 
 
+def actor_threads(cfg: EmbedConfig, cluster_cpus: float, use_gpu: bool) -> int:
+    """torch threads per actor: ``cfg.torch_threads``, or (0) the cluster's CPUs shared among the
+    CPU actors. More than the actor reserves: its reservation leaves room for the decode tasks
+    to be scheduled, but they use a fraction of a core per actor's worth of images (0.3 ms per
+    256×128 image against a ViT's several), so a one-thread model would leave a core idle."""
+    if cfg.torch_threads > 0:
+        return cfg.torch_threads
+    if use_gpu:
+        return max(1, int(cfg.cpus_per_actor))
+    return max(1, int(cluster_cpus // cfg.num_actors))
+
+
 def embedding_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
@@ -111,8 +131,11 @@ def embedding_schema(dim: int) -> pa.Schema:
 
 
 def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir: str | Path,
-                cfg: EmbedConfig, job_name: str = "") -> dict:
+                cfg: EmbedConfig, job_name: str = "", on_batch: Callable[[int], None] | None = None) -> dict:
     """Embed one split into ``out_dir/embeddings-*.parquet``; return counts and throughput.
+
+    ``on_batch(rows done so far)`` is called after each batch is written (progress beyond the
+    bar, e.g. bench/embed_throughput.py's start-up and rate).
 
     The result (also written to ``out_dir/embeddings.json``, last) has ``files``,
     ``images_per_s`` over the wall time, and ``per_actor``: images and images/s of model
@@ -142,6 +165,8 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
             _count_actor_time(per_actor, batch, ok)
             writer.add(_embedding_rows(batch, ok, writer.schema, dim))
             bar.update(len(ok))
+            if on_batch is not None:
+                on_batch(bar.n)
         writer.flush()
     wall = time.time() - t0
     actors = [{"actor": a, "images": int(n), "model_s": round(sec, 3), "images_per_s": n / max(sec, 1e-9)}
@@ -172,7 +197,7 @@ def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path
     import ray
     import ray.data
 
-    from reidscale.data.pipeline import decoded, read_split
+    from reidscale.data.pipeline import split_dataset
     from reidscale.ray_runtime import init_ray, resolve_use_gpu
 
     init_ray(job_name=job_name)
@@ -180,10 +205,12 @@ def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path
     cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     # the caller's tqdm bar reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = decoded(read_split(data_dir, split), model_config["transform_config"], train=False, batch_size=cfg.batch_size)
+    ds = split_dataset(data_dir, split, model_config["transform_config"], columns=EMBED_COLUMNS,
+                       cpus_per_task=cfg.cpus_per_decode_task)
+    threads = actor_threads(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     return ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": max(1, int(cfg.cpus_per_actor))},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": threads},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=1 if use_gpu else 0,

@@ -26,12 +26,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from reidscale.config import ConfigError
 from reidscale.data.shards import SPLITS, remove_shards, write_dataset
-from reidscale.data.sources.image_files import Listing, SkipLog, file_records
+from reidscale.data.sources.image_files import Listing, SkipLog, ordered_map, file_records
 from reidscale.data.sources.image_folder import image_folder
 from reidscale.data.sources.market1501 import dukemtmc, market1501
 from reidscale.data.sources.msmt17 import msmt17
 from reidscale.data.sources.synthetic import SyntheticConfig, generate, planned_images
 from reidscale.data.sources.veri776 import veri776
+from reidscale.data.stored_size import stored_at
 from reidscale.data.transforms import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,21 @@ class PrepareJobConfig:
     read_threads: int = 2
     rows_per_group: int = 512
     groups_per_shard: int = 16
+    # > 0: store every crop re-encoded at this size (the training transform's height/width),
+    # so no epoch decodes a larger crop or resizes it (data/stored_size.py); 0: the files' bytes
+    store_height: int = 0
+    store_width: int = 0
+    store_quality: int = 95
 
     def validate(self) -> None:
         if self.rows_per_group < 1 or self.groups_per_shard < 1:
             raise ConfigError("rows_per_group/groups_per_shard: must be >= 1")
+        if (self.store_height > 0) != (self.store_width > 0) or min(self.store_height, self.store_width) < 0:
+            raise ConfigError("store_height/store_width: give both (the training size, e.g. 256 and 128) or neither")
+        if self.store_height and min(self.store_height, self.store_width) < 16:
+            raise ConfigError("store_height/store_width: at least 16 pixels")
+        if not 1 <= self.store_quality <= 100:
+            raise ConfigError("store_quality: a JPEG quality in [1, 100]")
         if self.source != "synthetic" and not self.root:
             raise ConfigError(f"root: source={self.source} reads a dataset folder; give root=/path/to/it")
         if self.root and self.source != "synthetic" and not Path(self.root).expanduser().is_dir():
@@ -150,14 +162,39 @@ def _listed_records(cfg: PrepareJobConfig):
     skips = SkipLog(total, cfg.max_error_rate)
     for skip in listing.skipped:
         skips.add(skip)
-    records = file_records(listing.entries, base, skips, max_pixels=cfg.max_image_pixels, workers=cfg.read_threads)
+    records = file_records(listing.entries, base, skips, max_pixels=cfg.max_image_pixels, workers=cfg.read_threads,
+                           store=_store(cfg))
     records = _progress(records, len(listing.entries), f"{cfg.source} images", skipped=lambda: skips.count)
 
     def extra() -> dict:
         return {"root": str(base), "junk_dropped": listing.junk, "skipped": skips.summary(),
-                **({"notes": listing.notes} if listing.notes else {})}
+                **({"notes": listing.notes} if listing.notes else {}), **_stored_size(cfg)}
 
     return records, extra
+
+
+def _store(cfg: PrepareJobConfig) -> Callable[[bytes], bytes] | None:
+    """bytes → the bytes to store: a crop re-encoded at the training size, or None (keep the file's)."""
+    if not cfg.store_height:
+        return None
+    return lambda data: stored_at(data, cfg.store_height, cfg.store_width, cfg.store_quality)
+
+
+def _stored_size(cfg: PrepareJobConfig) -> dict:
+    return ({"stored_size": {"height": cfg.store_height, "width": cfg.store_width, "quality": cfg.store_quality}}
+            if cfg.store_height else {})
+
+
+def _stored(records: Iterable[dict], store: Callable[[bytes], bytes] | None, threads: int) -> Iterator[dict]:
+    """``records`` with their images re-encoded by ``store`` on ``threads`` threads (in order)."""
+    if store is None:
+        yield from records
+        return
+
+    def one(rec: dict) -> dict:
+        return {**rec, "image": store(rec["image"])}
+
+    yield from ordered_map(one, records, threads)
 
 
 def prepare(cfg: PrepareJobConfig) -> dict:
@@ -166,8 +203,9 @@ def prepare(cfg: PrepareJobConfig) -> dict:
     t0 = time.time()
     if cfg.source == "synthetic":
         planned = planned_images(cfg.synthetic)
-        records = _progress(generate(cfg.synthetic), int(planned.sum()), "synthetic images", planned=planned)
-        extra = None
+        records = _progress(_stored(generate(cfg.synthetic), _store(cfg), cfg.read_threads), int(planned.sum()),
+                            "synthetic images", planned=planned)
+        extra = _stored_size(cfg) or None
     else:
         records, extra = _listed_records(cfg)
     try:

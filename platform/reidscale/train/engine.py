@@ -44,8 +44,9 @@ def deepspeed_config(cfg: TrainJobConfig, precision: str) -> dict:
         "steps_per_print": 10**9,  # our own progress lines instead
         "wall_clock_breakdown": False,
     }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # always written: DeepSpeed's own default is 1.0, so leaving the key out when grad_clip is 0
+    # ("no clipping") clipped every step at norm 1.0 and cost a norm over all gradients
+    ds["gradient_clipping"] = cfg.optim.grad_clip
     return ds
 
 
@@ -96,6 +97,10 @@ def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], floa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # averaging gradients over one rank changes nothing, yet costs a flatten, an all-reduce
+        # and a copy back per step (2.7% of a step for the demo model)
+        engine.enable_backward_allreduce = False
     use_safe_loading(engine)
     return engine
 

@@ -69,6 +69,11 @@ def check_inputs(cfg: TrainJobConfig) -> TrainInputs:
     shards.verify_split(cfg.data_dir, "train")
     manifest = shards.read_manifest(cfg.data_dir)
     num_classes = manifest["num_classes"]
+    stored = manifest.get("stored_size")
+    if stored and (stored["height"], stored["width"]) != (cfg.transform.height, cfg.transform.width):
+        log.warning(f"{cfg.data_dir}: crops were stored at {stored['height']}x{stored['width']} (prepare's "
+                    f"store_height/store_width) but transform is {cfg.transform.height}x{cfg.transform.width}: "
+                    "every epoch resizes them again; prepare at the training size")
     preflight.check_row_groups(cfg.data_dir, "train", cfg.train.num_workers)
     for warning in preflight.check_pk(cfg.data_dir, cfg.train.p, cfg.train.k, cfg.train.num_workers):
         log.warning("%s", warning)

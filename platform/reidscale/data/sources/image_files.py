@@ -203,7 +203,7 @@ def list_images(folder: Path, root: Path, suffixes: tuple[str, ...] = (".jpg",))
                   if p.suffix.lower() in suffixes and p.is_file())
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 256) -> Iterator:
+def ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 256) -> Iterator:
     """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` items in flight.
 
     Threads pay off here: file reads and PIL decoding release the GIL.
@@ -222,12 +222,15 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int = 256) 
 
 
 def file_records(entries: list[Entry], root: str | Path, skips: SkipLog, *,
-                 max_pixels: int = MAX_IMAGE_PIXELS, workers: int = 2) -> Iterator[dict]:
+                 max_pixels: int = MAX_IMAGE_PIXELS, workers: int = 2,
+                 store: Callable[[bytes], bytes] | None = None) -> Iterator[dict]:
     """Read, check and label ``entries`` (sorted by :func:`sort_entries`); yield records.
 
-    Record keys: image (the file's bytes), identity, camera, split, label (0..C-1 over the
-    train identities that kept at least one image, in identity order; -1 elsewhere), path,
-    width, height. Bad files go to ``skips`` (which raises past its rate).
+    Record keys: image (the file's bytes, or ``store(bytes)``: prepare's crops re-encoded at
+    the training size, done on the reading threads), identity, camera, split, label (0..C-1
+    over the train identities that kept at least one image, in identity order; -1
+    elsewhere), path, width, height (the file's). Bad files go to ``skips`` (which raises
+    past its rate).
     """
     root = Path(root)
 
@@ -237,12 +240,18 @@ def file_records(entries: list[Entry], root: str | Path, skips: SkipLog, *,
         except OSError as exc:
             return entry, None, BadImage("unreadable", str(exc))
         try:
-            return entry, data, check_image(data, max_pixels)
+            size = check_image(data, max_pixels)
         except BadImage as exc:
             return entry, None, exc
+        if store is not None:
+            try:
+                data = store(data)
+            except ValueError as exc:
+                return entry, None, BadImage("corrupt", str(exc))
+        return entry, data, size
 
     next_label, last_train_identity = 0, None
-    for entry, data, result in _ordered_map(load, entries, workers):
+    for entry, data, result in ordered_map(load, entries, workers):
         if isinstance(result, BadImage):
             skips.add(Skip(entry.split, entry.path, result.reason))
             continue
