@@ -214,6 +214,25 @@ def _rates(result: dict) -> dict:
     }
 
 
+def decode_limit(shards: Path, cores: int = 2) -> dict:
+    """The machine's ceiling: CPU seconds of ``decode_batch`` (decode + training augmentation,
+    uint8 out, as the decode tasks run it) per image over every train row, one thread, no
+    Ray; ``cores`` cores can do at most ``cores`` over that many images per second."""
+    import pyarrow.parquet as pq
+
+    from reidscale.data.shards import split_files
+    from reidscale.data.transforms import TransformConfig, decode_batch
+
+    cfg, cpu, images = TransformConfig(height=HEIGHT, width=WIDTH), 0.0, 0
+    for path in split_files(shards, "train"):
+        batch = {"image": pq.read_table(path, columns=["image"]).column("image").to_numpy(zero_copy_only=False)}
+        start = time.process_time()
+        decode_batch(batch, cfg, train=True, seed=0, normalise=False)
+        cpu += time.process_time() - start
+        images += len(batch["image"])
+    return {"cpu_us_per_image": cpu / images * 1e6, "cores": cores, "images_per_s": cores * images / cpu}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--identities", type=int, default=500)
@@ -241,6 +260,9 @@ def main() -> None:
         "ours_cpu_normalise": ("ours, normalised in this process on the CPU (CPU-only training)",
                                lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True)),
     }
+    limit = decode_limit(shards)
+    print(f"decode + augmentation: {limit['cpu_us_per_image']:.0f} µs of CPU per image: {limit['cores']} cores "
+          f"can do at most {limit['images_per_s']:.0f} images/s", flush=True)
     rows, results = [], {}
     for key, (name, run) in pipelines.items():
         if args.only not in (None, key):
@@ -258,6 +280,7 @@ def main() -> None:
         rows.append({"pipeline": name, "P×K batches/s": f"{rates['batches_per_s']:.2f}",
                      "vs DataLoader": f"{ratio:.2f}" if ratio else "",
                      "images/s": f"{rates['images_per_s']:.0f}",
+                     "of the decode limit": f"{rates['images_per_s'] / limit['images_per_s']:.0%}",
                      "1st epoch batches/s": f"{rates['first_epoch_batches_per_s']:.2f}",
                      "batches/epoch": rates["batches_per_epoch"],
                      "driver CPU": f"{rates['driver_cpu_share']:.2f} cores",
@@ -266,7 +289,8 @@ def main() -> None:
     if args.only is None:
         write_results("data_throughput", {
             "identities": args.identities, "train_images": train["images"], "height": HEIGHT, "width": WIDTH,
-            "p": args.p, "k": args.k, "epochs": args.epochs, "rows_per_group": ROWS_PER_GROUP, "results": results})
+            "p": args.p, "k": args.k, "epochs": args.epochs, "rows_per_group": ROWS_PER_GROUP,
+            "decode_limit": limit, "results": results})
 
 
 if __name__ == "__main__":

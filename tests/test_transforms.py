@@ -210,3 +210,16 @@ def test_fused_augmentation_equals_flip_shift_then_erase_on_uint8(without_simple
             y, x, eh, ew = box
             expected[:, y : y + eh, x : x + ew] = fill[:, None, None]
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("stored, target, scale", [((64, 32), (256, 128), 1), ((256, 128), (256, 128), 1),
+                                                  ((512, 256), (256, 128), 2), ((300, 600), (256, 128), 1),
+                                                  ((2048, 1024), (256, 128), 8), ((4096, 2048), (256, 128), 8)])
+def test_draft_scale_follows_pillows_rule_and_takes_upscales_too(stored, target, scale, monkeypatch):
+    """An upscaled crop (Market-1501's 128×64 to 256×128) must stay on simplejpeg, not fall back."""
+    from reidscale.data import transforms
+
+    assert transforms._draft_scale(stored[::-1], target[::-1]) == scale
+    calls = []
+    monkeypatch.setattr(transforms, "decode_pil", lambda *a, **k: calls.append(a))
+    assert decode(_encode(_photo_like(*stored)), *target) is not None and not calls

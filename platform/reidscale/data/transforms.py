@@ -106,7 +106,7 @@ def _draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
     image at least ``target`` (width, height): the rule of Pillow's ``JpegImageFile.draft``, so
     Pillow and simplejpeg decode the same smaller picture."""
     ratio = min(stored[0] // target[0], stored[1] // target[1])
-    return next(s for s in (8, 4, 2, 1) if ratio >= s)
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)  # 1: same size, or an upscale
 
 
 def decode_pil(data: bytes, height: int, width: int, *, scaled: bool = True) -> np.ndarray | None:
