@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import print_table, run_isolated, wait_until_quiet, write_results  # noqa: E402
+from _common import Periodic, print_table, run_isolated, wait_until_quiet, write_results  # noqa: E402
 from reidscale.config import load_config  # noqa: E402
 from reidscale.models.reid import build_reid_model  # noqa: E402
 from reidscale.train.config import TrainJobConfig  # noqa: E402
@@ -83,9 +83,12 @@ def _ray_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
 
-    rate = _timed(step, _batches(cfg, config["steps"] + config["warmup"], rank), config["warmup"])
+    batches = _batches(cfg, config["steps"] + config["warmup"], rank)
+    start = time.time()  # wall clock, comparable with the driver's CPU samples
+    rate = _timed(step, batches, config["warmup"])
     # Ray Train V2 keeps metrics only with checkpoints; a file per rank is simpler here
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"images_per_s": rate}))
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"images_per_s": rate, "start": start,
+                                                                   "end": time.time()}))
 
 
 def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, threads: int, storage: str) -> list[float]:
@@ -103,32 +106,39 @@ def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, th
         run_config=ray.train.RunConfig(name=f"bench-{workers}w", storage_path=storage,
                                        worker_runtime_env=omp_env(threads)),
     )
-    before = _cpu_seconds_by_process()
-    t0 = time.perf_counter()
-    trainer.fit()
-    wall = time.perf_counter() - t0
-    after = _cpu_seconds_by_process()
-    used = {key: after[key] - before.get(key, 0.0) for key in after}
-    workers_cpu = sum(v for (pid, name), v in used.items() if "RayTrainWorker" in name)
-    others = sum(used.values()) - workers_cpu
-    _CPU_SHARES.append({"workers": workers, "train_worker_cores": workers_cpu / wall,
-                        "other_ray_cores": others / wall})
-    return [json.loads((out / f"rank{r}.json").read_text())["images_per_s"] for r in range(workers)]
+    # CPU of every process, sampled during the fit (the training workers exit before it returns)
+    history: list[tuple[float, dict]] = []
+    with Periodic(lambda: history.append((time.time(), _cpu_seconds_by_process())), interval=0.5):
+        trainer.fit()
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+    # who used the cores while every rank was in its timed steps (warm-up included: a margin)
+    inside = [(t, snap) for t, snap in history if max(r["start"] for r in ranks) <= t <= min(r["end"] for r in ranks)]
+    if len(inside) >= 2:
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        # by pid: a Ray worker process takes its actor's name ("ray::RayTrainWorker") once it hosts one
+        used = {pid: (name, cpu - first.get(pid, ("", cpu))[1]) for pid, (name, cpu) in last.items()}
+        workers_cpu = sum(cpu for name, cpu in used.values() if "RayTrainWorker" in name)
+        others = sum(cpu for _, cpu in used.values()) - workers_cpu
+        _CPU_SHARES.append({"train_worker_cores": workers_cpu / (t1 - t0), "other_process_cores": others / (t1 - t0)})
+    else:
+        _CPU_SHARES.append({"train_worker_cores": float("nan"), "other_process_cores": float("nan")})
+    return [r["images_per_s"] for r in ranks]
 
 
 _CPU_SHARES: list[dict] = []
 
 
-def _cpu_seconds_by_process() -> dict[tuple[int, str], float]:
-    """CPU seconds so far of every process on the machine, by (pid, name): who took the cores
-    during a fit (the training workers, or Ray's controller, agents and helper actors)."""
+def _cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid → (command line, CPU seconds so far) of every process on the machine: who took the
+    cores during a fit (the training workers, or Ray's controller, agents and helper actors)."""
     import psutil
 
     out = {}
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
             times = proc.cpu_times()
-            out[(proc.pid, " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])[:80])] = times.user + times.system
+            name = " ".join(proc.cmdline() or [proc.name() or ""])[:80]  # fresh: a worker renames itself
+            out[proc.pid] = (name, times.user + times.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
@@ -179,7 +189,7 @@ def main() -> None:
                      "ratio per pair": " ".join(f"{r:.2f}" for r in ratios),
                      "cores: train workers / all other processes (median)":
                          f"{statistics.median(p['train_worker_cores'] for p in found):.2f} / "
-                         f"{statistics.median(p['other_ray_cores'] for p in found):.2f}",
+                         f"{statistics.median(p['other_process_cores'] for p in found):.2f}",
                      "median ratio": f"{statistics.median(ratios):.3f}"})
     print_table(rows)
     batch = cfg.train.p * cfg.train.k

@@ -85,3 +85,54 @@ def test_undecodable_images_are_flagged_not_embedded(export, jpegs):
     served = ImageEmbedder(str(export))(images, [0, 1, 2])
     assert served[1] is None and served[0] is not None
     np.testing.assert_allclose(served[0], vectors[0], atol=1e-5)
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_the_ray_embedding_job_streams_row_groups_to_separate_actors_and_matches_in_process(tmp_path, export,
+                                                                                           local_ray):
+    """embed_split (build_index's path): one decode task per row group, not fused into the actor
+    (fused, each actor decoded between model calls), and the same vectors as the in-process path."""
+    from reidscale.data.pipeline import row_groups
+    from reidscale.data.shards import write_dataset
+    from reidscale.data.sources.synthetic import SyntheticConfig, generate
+    from reidscale.embed import EmbedConfig, _embedding_dataset, embed_split, embed_split_in_process, read_embeddings
+    from reidscale.models.reid import load_embedding_model
+
+    data = tmp_path / "data"
+    records = [dict(r, camera=r["camera"] % 3) for r in generate(SyntheticConfig(num_identities=12, height=32, width=16))]
+    write_dataset(records, data, source="synthetic", rows_per_group=8, groups_per_shard=2)
+    groups = row_groups(data, "gallery")
+    assert len(groups) >= 3
+    ds = _embedding_dataset(export, load_embedding_model(export)[1], data, "gallery", EmbedConfig(batch_size=4), "")
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    stats = ds.stats()
+    assert "MapBatches(read_decode_row_groups): " in stats and "MapBatches(Embedder): " in stats, stats
+    assert "->MapBatches(Embedder)" not in stats  # a fused operator's name joins its parts with ->
+    assert sum(len(b["row_id"]) for b in blocks) == sum(g.rows for g in groups)
+
+    cfg = EmbedConfig(batch_size=4, torch_threads=1)
+    stats = embed_split(export, data, "gallery", tmp_path / "emb", cfg)
+    vectors, meta = read_embeddings(tmp_path / "emb")
+    want, want_meta = embed_split_in_process(export, data, "gallery")
+    order = np.argsort(meta.column("row_id").to_numpy())
+    np.testing.assert_array_equal(meta.column("row_id").to_numpy()[order], want_meta.column("row_id").to_numpy())
+    np.testing.assert_allclose(vectors[order], want, atol=1e-5)
+    assert stats["embedded"] == len(want) and stats["decode_errors"] == 0
+
+
+def test_embedding_actor_threads_default_to_the_cluster_share():
+    from reidscale.embed import EmbedConfig, actor_threads
+
+    assert actor_threads(EmbedConfig(), 2.0, use_gpu=False) == 2  # one actor on two cores: both
+    assert actor_threads(EmbedConfig(num_actors=3), 8.0, use_gpu=False) == 2
+    assert actor_threads(EmbedConfig(num_actors=4), 2.0, use_gpu=False) == 1
+    assert actor_threads(EmbedConfig(torch_threads=3), 2.0, use_gpu=False) == 3
+    assert actor_threads(EmbedConfig(cpus_per_actor=4), 64.0, use_gpu=True) == 4
