@@ -58,6 +58,8 @@ def epoch_assignment(groups: list[RowGroup], epoch: int, seed: int, rank: int,
 
 
 TRAIN_COLUMNS = ("image", "identity", "label", "row_id", "camera")
+# a Ray worker process with numpy, pyarrow and Pillow loaded (Ray Data measured 128 MiB)
+WORKER_BASE_MEMORY = 256 * 2**20
 
 
 def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, columns: tuple = TRAIN_COLUMNS) -> dict:
@@ -119,11 +121,12 @@ def split_dataset(root: str | Path, split: str, cfg: TransformConfig, *, columns
     if not groups:
         raise FileNotFoundError(f"{root}: split {split!r} has no rows")
     items = [{"path": g.path, "row_group": g.group, "seed": 0} for g in groups]
-    # A task holds its row group's decoded pixels and the block it returns. Asking for that
-    # memory also keeps Ray Data from fusing these tasks into a downstream CPU actor pool
-    # (fusion needs equal remote args): fused, as it did when both asked for 1 CPU, each
-    # actor decoded its own input between model calls instead of beside them.
-    memory = 2 * max(g.rows for g in groups) * 3 * cfg.height * cfg.width
+    # A task holds its row group's decoded pixels and the block it returns, in a worker process
+    # that is ~130 MB before it reads anything (asking for less makes Ray Data warn the user at
+    # every run). Asking for memory also keeps Ray Data from fusing these tasks into a downstream
+    # CPU actor pool (fusion needs equal remote args): fused, as it did when both asked for 1 CPU,
+    # each actor decoded its own input between model calls instead of beside them.
+    memory = WORKER_BASE_MEMORY + 2 * max(g.rows for g in groups) * 3 * cfg.height * cfg.width
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": False, "columns": columns},
                           batch_size=1, batch_format="numpy", num_cpus=cpus_per_task, memory=memory)
