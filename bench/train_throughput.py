@@ -134,7 +134,7 @@ def _cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
     import psutil
 
     out = {}
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter():
         try:
             times = proc.cpu_times()
             name = " ".join(proc.cmdline() or [proc.name() or ""])[:80]  # fresh: a worker renames itself

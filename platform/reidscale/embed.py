@@ -202,15 +202,15 @@ def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path
 
     init_ray(job_name=job_name)
     use_gpu = resolve_use_gpu(cfg.use_gpu)
-    cpus_per_actor = actor_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    cpus_per_actor = actor_cpus(cfg, cluster_cpus, use_gpu)
     # the caller's tqdm bar reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = split_dataset(data_dir, split, model_config["transform_config"], columns=EMBED_COLUMNS,
                        cpus_per_task=cfg.cpus_per_decode_task)
-    threads = actor_threads(cfg, ray.cluster_resources().get("CPU", 1.0), use_gpu)
     return ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": threads},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": actor_threads(cfg, cluster_cpus, use_gpu)},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=1 if use_gpu else 0,

@@ -109,6 +109,14 @@ def _draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
     return next((s for s in (8, 4, 2) if ratio >= s), 1)  # 1: same size, or an upscale
 
 
+def _resized(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """An RGB image → HxWx3 uint8 at (height, width): the one resize both decoders use, so
+    simplejpeg's pixels and Pillow's stay equal."""
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_pil(data: bytes, height: int, width: int, *, scaled: bool = True) -> np.ndarray | None:
     """:func:`decode` with Pillow alone: the reference, and the path for what simplejpeg
     does not take (PNG, CMYK JPEG, EXIF-rotated JPEG, or simplejpeg missing)."""
@@ -122,10 +130,7 @@ def decode_pil(data: bytes, height: int, width: int, *, scaled: bool = True) -> 
                 # the target in stored orientation: a 90° EXIF turn swaps it
                 swap = exif_orientation(img) in _SWAPS_AXES
                 img.draft("RGB", (height, width) if swap else (width, height))
-            img = to_rgb(img)
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return _resized(to_rgb(img), height, width)
     except Exception:  # PIL raises many types for bad data; all mean "not an image"
         return None
 
@@ -149,9 +154,7 @@ def _decode_simplejpeg(data: bytes, height: int, width: int, scaled: bool) -> np
                                         min_width=-(-stored_w // s))
     except Exception:  # let PIL decide whether the bytes are an image at all
         return None
-    if pixels.shape[:2] != (height, width):
-        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR), dtype=np.uint8)
-    return pixels
+    return pixels if pixels.shape[:2] == (height, width) else _resized(Image.fromarray(pixels), height, width)
 
 
 def decode(data: bytes, height: int, width: int, *, scaled: bool = True) -> np.ndarray | None:
