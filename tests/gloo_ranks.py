@@ -8,6 +8,7 @@ process can import it) and returns a dict of tensors, saved as ``rank<r>.safeten
 import os
 import socket
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,13 +18,15 @@ import torch.multiprocessing as tmp_mp
 from safetensors.torch import load_file, save_file
 
 
-def _entry(rank: int, worker, world: int, port: int, tmp: str) -> None:
+def _entry(rank: int, worker, world: int, port: int, tmp: str, rendezvous: str) -> None:
     import torch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # a file rendezvous, not tcp://: a port picked free here can be taken by another process
+    # (a Ray test's) before rank 0's store binds it, and the rank then aborts (seen in CI)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
         result = worker(rank, world, tmp)
@@ -41,8 +44,9 @@ def _free_port() -> int:
 
 def run_ranks(worker, world: int, tmp: Path, timeout_s: float) -> list[dict]:
     """Each rank's returned tensors, in rank order; the test fails if the ranks do not finish in time."""
-    ctx = tmp_mp.start_processes(_entry, args=(worker, world, _free_port(), str(tmp)), nprocs=world, join=False,
-                                 start_method="spawn")
+    rendezvous = Path(tmp) / f"rendezvous-{uuid.uuid4().hex}"  # must not exist before the ranks start
+    ctx = tmp_mp.start_processes(_entry, args=(worker, world, _free_port(), str(tmp), str(rendezvous)), nprocs=world,
+                                 join=False, start_method="spawn")
     deadline = time.time() + timeout_s
     while not ctx.join(timeout=5):
         if time.time() > deadline:
