@@ -1,8 +1,9 @@
 """P×K batches per second: our Ray Data pipeline vs a torch DataLoader over JPEG files.
 
 Ours (what a training worker runs): ``pipeline.worker_epoch_dataset`` (one Ray Data task per
-row group of the Parquet shards: read + ``transforms.decode_batch``) → ``PKStream`` on the
-driver, one worker's whole stream (rank 0 of 1), local Ray with 2 CPUs.
+``--rows-per-task`` rows of consecutive Parquet row groups, training's ``data_rows_per_task``
+by default: read + ``transforms.decode_batch``) → ``PKStream`` on the driver, one worker's
+whole stream (rank 0 of 1), local Ray with 2 CPUs.
 Standard: ``torch.utils.data.DataLoader`` with 2 worker processes and torchreid's
 ``RandomIdentitySampler`` (written out below), each item read from a folder of the same
 JPEG files and decoded/augmented by the same ``transforms.decode_batch``.
@@ -14,10 +15,11 @@ start-up (Ray Data's first tasks, DataLoader worker forks; not ``ray.init``) and
 apart; the rate is batches over wall time of the later epochs, each epoch building its
 stream afresh as training does. Peak memory is the largest sum of PSS (proportional set
 size: shared pages split between the processes that map them) over the run's whole process
-tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 0.2 s
+tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 1 s
 from the bench's own process (``_common.run_process_tree``), not from inside the measured one.
 
-    python bench/data_throughput.py [--identities 500] [--epochs 3] [--p 16] [--k 4] [--only NAME] [--profile]
+    python bench/data_throughput.py [--identities 500] [--epochs 3] [--p 16] [--k 4] [--only NAME]
+                                    [--rows-per-task N] [--profile]
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def build_data(work: Path, identities: int) -> tuple[Path, Path]:
 
 # --- ours --------------------------------------------------------------------------------
 
-def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, normalise_here: bool = False) -> dict:
+def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, normalise_here: bool = False,
+             rows_per_task: int = 1) -> dict:
     """One worker's epochs through the pipeline, exactly as the training loop builds it.
 
     Batches arrive uint8; training normalises them on its device (``model_input``), which on
@@ -92,7 +95,7 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     per_epoch = []
     for epoch in range(epochs):
         t0, cpu0, batches, images = time.perf_counter(), time.process_time(), 0, 0
-        ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1)
+        ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1, rows_per_task=rows_per_task)
         for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
             if normalise_here:
                 model_input(batch["image"], cfg)
@@ -242,7 +245,13 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
     parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours or ours_cpu_normalise")
     parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last epoch")
+    parser.add_argument("--rows-per-task", type=int, default=None,
+                        help="rows per decode task (default: training's data_rows_per_task)")
     args = parser.parse_args()
+    if args.rows_per_task is None:
+        from reidscale.train.config import TrainConfig
+
+        args.rows_per_task = TrainConfig().data_rows_per_task
 
     t0 = time.perf_counter()
     shards, folder = build_data(Path(args.work_dir), args.identities)
@@ -256,9 +265,11 @@ def main() -> None:
         "dataloader": ("torch DataLoader, 2 workers, RandomIdentitySampler, JPEG files",
                        lambda: run_process_tree(run_dataloader, str(folder), args.p, args.k, args.epochs)),
         "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream, uint8 to the device",
-                 lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, args.profile)),
+                 lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, args.profile,
+                                          False, args.rows_per_task)),
         "ours_cpu_normalise": ("ours, normalised in this process on the CPU (CPU-only training)",
-                               lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True)),
+                               lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True,
+                                                        args.rows_per_task)),
     }
     limit = decode_limit(shards)
     print(f"decode + augmentation: {limit['cpu_us_per_image']:.0f} µs of CPU per image: {limit['cores']} cores "
@@ -290,6 +301,7 @@ def main() -> None:
         write_results("data_throughput", {
             "identities": args.identities, "train_images": train["images"], "height": HEIGHT, "width": WIDTH,
             "p": args.p, "k": args.k, "epochs": args.epochs, "rows_per_group": ROWS_PER_GROUP,
+            "rows_per_task": args.rows_per_task,
             "decode_limit": limit, "results": results})
 
 

@@ -119,7 +119,13 @@ def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, th
         used = {pid: (name, cpu - first.get(pid, ("", cpu))[1]) for pid, (name, cpu) in last.items()}
         workers_cpu = sum(cpu for name, cpu in used.values() if "RayTrainWorker" in name)
         others = sum(cpu for _, cpu in used.values()) - workers_cpu
-        _CPU_SHARES.append({"train_worker_cores": workers_cpu / (t1 - t0), "other_process_cores": others / (t1 - t0)})
+        by_name: dict[str, float] = {}
+        for name, cpu in used.values():
+            if "RayTrainWorker" not in name and cpu > 0:
+                by_name[name] = by_name.get(name, 0.0) + cpu / (t1 - t0)
+        top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8])
+        _CPU_SHARES.append({"train_worker_cores": workers_cpu / (t1 - t0), "other_process_cores": others / (t1 - t0),
+                            "other_cores_by_process": {name: round(c, 4) for name, c in top.items()}})
     else:
         _CPU_SHARES.append({"train_worker_cores": float("nan"), "other_process_cores": float("nan")})
     return [r["images_per_s"] for r in ranks]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from reidscale.data.pipeline import PKStream, epoch_assignment, row_groups, worker_epoch_dataset
+from reidscale.data.pipeline import PKStream, RowGroup, decode_tasks, epoch_assignment, row_groups, worker_epoch_dataset
 from reidscale.data.shards import write_dataset
 from reidscale.data.sources.synthetic import SyntheticConfig, generate
 from reidscale.data.transforms import TransformConfig, decode_batch
@@ -25,9 +25,10 @@ def data(tmp_path_factory):
     ray.shutdown()
 
 
-def _epoch_batches(root, epoch, rank, world, seed=0):
-    ds = worker_epoch_dataset(row_groups(root, "train"), CFG, epoch=epoch, seed=seed, rank=rank, world=world)
-    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank)
+def _epoch_batches(root, epoch, rank, world, seed=0, rows_per_task=1, window=None):
+    ds = worker_epoch_dataset(row_groups(root, "train"), CFG, epoch=epoch, seed=seed, rank=rank, world=world,
+                              rows_per_task=rows_per_task)
+    stream = PKStream(4, 2, seed=seed * 1_000_003 + rank, window_identities=window)
     return [b for b in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch)]
 
 
@@ -50,6 +51,28 @@ def test_same_seed_and_epoch_give_the_same_batches_and_images(data):
     np.testing.assert_array_equal(first[0]["image"], second[0]["image"])  # augmentation is seeded too
     other_epoch = _epoch_batches(data, 2, 0, 2)
     assert [b["row_id"].tolist() for b in first] != [b["row_id"].tolist() for b in other_epoch]
+
+
+def test_decode_tasks_pack_consecutive_groups_up_to_the_row_count_without_splitting_one():
+    groups = [(RowGroup(f"s{i // 3}.parquet", i % 3, rows), 100 + i) for i, rows in enumerate([5, 7, 12, 1, 30, 4, 4])]
+    tasks = decode_tasks(groups, rows_per_task=12)
+    # 5+7 | 12 | 1+30 | 4+4 (the last task takes what is left)
+    assert [t["seed"] for t in tasks] == [[100, 101], [102], [103, 104], [105, 106]]
+    assert tasks[2] == {"path": ["s1.parquet", "s1.parquet"], "row_group": [0, 1], "seed": [103, 104]}
+    assert [t["seed"] for t in decode_tasks(groups, rows_per_task=1)] == [[100 + i] for i in range(7)]
+    with pytest.raises(ValueError, match="rows_per_task"):
+        decode_tasks(groups, rows_per_task=0)
+
+
+def test_batches_do_not_depend_on_how_row_groups_are_packed_into_tasks(data):
+    """12-row groups one per task, three per task, all in one: the same batches, the same pixels
+    (a window of P identities, so a block of several identities would change which are drawn)."""
+    one = _epoch_batches(data, 1, 0, 1, window=4)
+    for rows_per_task in (25, 10_000):
+        packed = _epoch_batches(data, 1, 0, 1, rows_per_task=rows_per_task, window=4)
+        assert [b["row_id"].tolist() for b in packed] == [b["row_id"].tolist() for b in one]
+        for x, y in zip(packed, one):
+            np.testing.assert_array_equal(x["image"], y["image"])
 
 
 def test_an_epoch_over_all_workers_visits_every_training_row(data):

@@ -223,3 +223,22 @@ def test_draft_scale_follows_pillows_rule_and_takes_upscales_too(stored, target,
     calls = []
     monkeypatch.setattr(transforms, "decode_pil", lambda *a, **k: calls.append(a))
     assert decode(_encode(_photo_like(*stored)), *target) is not None and not calls
+
+
+def test_decoding_into_slices_of_one_array_equals_decoding_apart():
+    """What a decode task holding several row groups does: each group into its slice of one
+    zeroed array, with its own seed; the same bytes as separate outputs, and a bad ``out`` refused."""
+    cfg = TransformConfig(height=32, width=16, pad=3, flip_prob=0.5, random_erasing_prob=0.7)
+    first = {"image": np.array([_jpeg(seed=s) for s in range(3)] + [b"broken"], dtype=object)}
+    second = {"image": np.array([_jpeg(seed=s) for s in range(3, 8)], dtype=object)}
+    whole = np.zeros((9, 3, 32, 16), np.uint8)
+    a = decode_batch(first, cfg, train=True, seed=1, normalise=False, out=whole[:4])
+    b = decode_batch(second, cfg, train=True, seed=2, normalise=False, out=whole[4:])
+    np.testing.assert_array_equal(whole[:4], decode_batch(first, cfg, train=True, seed=1, normalise=False)["image"])
+    np.testing.assert_array_equal(whole[4:], decode_batch(second, cfg, train=True, seed=2, normalise=False)["image"])
+    assert a["image"].base is whole and b["image"].base is whole  # no copy
+    assert a["decode_ok"].tolist() == [True, True, True, False] and not whole[3].any()
+    with pytest.raises(ValueError, match="out is uint8"):
+        decode_batch(second, cfg, train=False, normalise=False, out=whole[:4])
+    with pytest.raises(ValueError, match="needs float32"):
+        decode_batch(second, cfg, train=False, out=whole[4:])

@@ -4,8 +4,8 @@ Why not ``read_parquet`` + Ray Train's ``streaming_split``: the split hands bloc
 whichever worker asks first, so neither the assignment nor the order of rows repeats
 between runs, and a resumed run could not replay the batches an uninterrupted run saw.
 Instead each epoch permutes the shards' row groups with ``(seed, epoch)``, worker ``r``
-takes every ``world``-th row group, and a Ray Data pipeline (one task per row group, order
-preserved) reads and decodes them on Ray's CPU workers. A row group holds whole
+takes every ``world``-th row group, and a Ray Data pipeline (one task per row group or per
+few consecutive ones, order preserved) reads and decodes them on Ray's CPU workers. A row group holds whole
 identities (see ``shards``), so workers never split an identity, and no row goes to two
 workers in one epoch.
 
@@ -62,8 +62,33 @@ TRAIN_COLUMNS = ("image", "identity", "label", "row_id", "camera")
 WORKER_BASE_MEMORY = 256 * 2**20
 
 
+def decode_tasks(groups: list[tuple[RowGroup, int]], rows_per_task: int) -> list[dict]:
+    """Ray Data input rows, one per decode task: consecutive ``(group, seed)`` pairs packed until
+    a task holds at least ``rows_per_task`` rows (a row group is never split).
+
+    Why pack: a task costs Ray a fixed few milliseconds (scheduling, the object-store put of its
+    block, its metadata) whatever its size; with the demo's 128-row groups two per task ran 1.15×
+    the images/s of one (bench/data_throughput.py), four gave less again (fewer tasks to keep both
+    cores busy as an epoch starts and ends). Groups of the dataset configs' 512 rows go one per task.
+    """
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task: must be >= 1, got {rows_per_task}")
+    tasks, current, rows = [], [], 0
+    for group, seed in groups:
+        current.append((group, seed))
+        rows += group.rows
+        if rows >= rows_per_task:
+            tasks.append(current)
+            current, rows = [], 0
+    if current:
+        tasks.append(current)
+    return [{"path": [str(g.path) for g, _ in t], "row_group": [int(g.group) for g, _ in t],
+             "seed": [int(seed) for _, seed in t]} for t in tasks]
+
+
 def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, columns: tuple = TRAIN_COLUMNS) -> dict:
-    """Ray Data map: each input row names a row group; output its decoded rows.
+    """Ray Data map: each input row (from :func:`decode_tasks`) names row groups; output their
+    decoded rows, in order, each group augmented with its own seed.
 
     Images leave the task as uint8 N×3×H×W, not normalised float32: a quarter of the bytes
     through the object store, and the consumer's window pins whole blocks while their rows
@@ -71,25 +96,38 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, colum
     bench/data_throughput.py). They stay uint8 to the model's device, where
     ``models.inference.model_input`` normalises them.
     """
-    outputs = []
-    for path, group, seed in zip(batch["path"], batch["row_group"], batch["seed"]):
-        table = pq.ParquetFile(str(path)).read_row_group(int(group), columns=list(columns))
+    tables, seeds = [], []
+    for paths, groups, task_seeds in zip(batch["path"], batch["row_group"], batch["seed"]):
+        for path, group, seed in zip(paths, groups, task_seeds):
+            tables.append(pq.ParquetFile(str(path)).read_row_group(int(group), columns=list(columns)))
+            seeds.append(int(seed))
+    # every group decodes into its slice of one array: no concatenation of the pixels afterwards
+    images = np.zeros((sum(t.num_rows for t in tables), 3, cfg.height, cfg.width), dtype=np.uint8)
+    parts, start = [], 0
+    for table, seed in zip(tables, seeds):
         cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-        outputs.append(decode_batch(cols, cfg, train=train, seed=int(seed), normalise=False))
-    if len(outputs) == 1:  # the usual one row group per task: no 12 MB copy
-        return outputs[0]
-    return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        end = start + table.num_rows
+        parts.append(decode_batch(cols, cfg, train=train, seed=seed, normalise=False, out=images[start:end]))
+        start = end
+    result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "image"}
+    result["image"] = images
+    return result
 
 
 def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed: int, rank: int, world: int,
-                         train: bool = True, cpus_per_task: float = 1.0):
-    """The Ray Dataset of this worker's decoded rows for one epoch, in a reproducible order."""
+                         train: bool = True, cpus_per_task: float = 1.0, rows_per_task: int = 1):
+    """The Ray Dataset of this worker's decoded rows for one epoch, in a reproducible order.
+
+    ``rows_per_task`` packs consecutive row groups into one decode task (:func:`decode_tasks`);
+    it changes neither the rows, their order nor their augmentation, only the block boundaries,
+    which :class:`PKStream` does not depend on.
+    """
     import ray.data
 
     mine = epoch_assignment(groups, epoch, seed, rank, world)
-    items = [{"path": g[0], "row_group": g[1], "seed": _mix(seed, epoch, index) % (2**63)} for index, g in mine]
-    if not items:
+    if not mine:
         raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
+    items = decode_tasks([(g, _mix(seed, epoch, index) % (2**63)) for index, g in mine], rows_per_task)
     # one dataset per worker per epoch: Ray Data's per-execution INFO lines would drown the job log
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
@@ -120,7 +158,7 @@ def split_dataset(root: str | Path, split: str, cfg: TransformConfig, *, columns
     groups = row_groups(root, split)
     if not groups:
         raise FileNotFoundError(f"{root}: split {split!r} has no rows")
-    items = [{"path": g.path, "row_group": g.group, "seed": 0} for g in groups]
+    items = decode_tasks([(g, 0) for g in groups], rows_per_task=1)
     # A task holds its row group's decoded pixels and the block it returns, in a worker process
     # that is ~130 MB before it reads anything (asking for less makes Ray Data warn the user at
     # every run). Asking for memory also keeps Ray Data from fusing these tasks into a downstream
@@ -170,8 +208,10 @@ class PKStream:
             for i in np.flatnonzero(ok):
                 self.batcher.add(batch["identity"][i],
                                  (batch["image"][i], batch["label"][i], batch["row_id"][i], cameras[i]))
-            for pk in self.batcher.ready():
-                yield self._stack(pk)
+                # after every row, not every block: the batches then depend on the rows and
+                # their order only, not on how decode tasks cut the stream into blocks
+                for pk in self.batcher.ready():
+                    yield self._stack(pk)
         for pk in self.batcher.flush():
             yield self._stack(pk)
 

@@ -232,7 +232,7 @@ def _normalise_table(cfg: TransformConfig) -> np.ndarray:
 
 
 def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | None = None, *,
-                 normalise: bool = True) -> dict:
+                 normalise: bool = True, out: np.ndarray | None = None) -> dict:
     """Ray Data batch (numpy dict with an ``image`` bytes column) → float32 N×3×H×W.
 
     Adds ``decode_ok`` (bool); undecodable rows keep a zero image so row order and
@@ -247,11 +247,19 @@ def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | Non
     move between processes; :func:`normalise_batch` finishes the job where the batch is
     used. The erased box then holds the uint8 level nearest to ``mean`` (within 0.5/255 of
     what the float path gives).
+
+    ``out``: a zero-filled N×3×H×W array of the output dtype to decode into (a slice of a
+    larger batch, so several row groups fill one array without a copy); it must be zeros
+    because padding and undecodable rows are left as they are.
     """
     rng = np.random.default_rng(seed)
     raw = batch["image"]
     h, w = cfg.height, cfg.width
-    out = np.zeros((len(raw), 3, h, w), dtype=np.float32 if normalise else np.uint8)
+    dtype = np.float32 if normalise else np.uint8
+    if out is None:
+        out = np.zeros((len(raw), 3, h, w), dtype=dtype)
+    elif out.shape != (len(raw), 3, h, w) or out.dtype != dtype:
+        raise ValueError(f"decode_batch: out is {out.dtype} {out.shape}, needs {np.dtype(dtype)} {(len(raw), 3, h, w)}")
     ok = np.zeros(len(raw), dtype=bool)
     table = _normalise_table(cfg)
     fill = 0.0 if normalise else np.round(np.asarray(cfg.mean) * 255).astype(np.uint8)[:, None, None]

@@ -223,7 +223,8 @@ def _train_prompts(step_fn, visual, ctx) -> None:
     for epoch in range(c.stage1_epochs):
         dataset = worker_epoch_dataset(ctx.plan.row_groups, cfg.transform, epoch=epoch, seed=cfg.train.seed + 7919,
                                        rank=rank, world=ctx.world, train=False,
-                                       cpus_per_task=cfg.train.data_cpus_per_task)
+                                       cpus_per_task=cfg.train.data_cpus_per_task,
+                                       rows_per_task=cfg.train.data_rows_per_task)
         real = stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch)
         for batch in lockstep(real, stream, device):
             labels = torch.from_numpy(batch["label"]).to(device)

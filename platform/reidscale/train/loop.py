@@ -239,7 +239,8 @@ def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
     t = w.cfg.train
     w.engine.train()
     dataset = worker_epoch_dataset(w.plan.row_groups, w.cfg.transform, epoch=epoch, seed=t.seed, rank=w.rank,
-                                   world=w.world, cpus_per_task=t.data_cpus_per_task)
+                                   world=w.world, cpus_per_task=t.data_cpus_per_task,
+                                   rows_per_task=t.data_rows_per_task)
     centres = _epoch_centres(w, epoch) if t.sampler == "hard" and epoch > 0 else None
     real = w.stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch, centres)
     step_in_epoch = state.step_in_epoch if epoch == state.epoch else 0
