@@ -67,9 +67,10 @@ def decode_tasks(groups: list[tuple[RowGroup, int]], rows_per_task: int) -> list
     a task holds at least ``rows_per_task`` rows (a row group is never split).
 
     Why pack: a task costs Ray a fixed few milliseconds (scheduling, the object-store put of its
-    block, its metadata) whatever its size; with the demo's 128-row groups two per task ran 1.15×
-    the images/s of one (bench/data_throughput.py), four gave less again (fewer tasks to keep both
-    cores busy as an epoch starts and ends). Groups of the dataset configs' 512 rows go one per task.
+    block, its metadata) whatever its size; with the demo's 128-row groups, 512 rows per task ran
+    1.15× the images/s of one group per task (bench/data_throughput.py), 1024 less again (fewer
+    tasks to keep both cores busy as an epoch starts and ends). Groups of the dataset configs'
+    512 rows go one per task.
     """
     if rows_per_task < 1:
         raise ValueError(f"rows_per_task: must be >= 1, got {rows_per_task}")

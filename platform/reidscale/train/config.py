@@ -83,9 +83,9 @@ class TrainConfig:
     # CPUs per Ray Data read+decode task
     data_cpus_per_task: float = 1.0
     # rows per decode task: consecutive row groups are packed until a task holds this many (a
-    # task costs Ray a fixed few ms; 256 measured best with 128-row groups); rows, order and
-    # augmentation do not depend on it
-    data_rows_per_task: int = 256
+    # task costs Ray a fixed few ms; with 128-row groups 512 beat 128, 256 and 1024 in
+    # bench/data_throughput.py); rows, order and augmentation do not depend on it
+    data_rows_per_task: int = 512
     # JSON lines of (rank, epoch, step, identities) per step, for checking reproducibility
     trace_file: str = ""
     # empty: <run_dir>/ray_results; a shared path or s3:// for multi-node
