@@ -75,6 +75,38 @@ def test_batches_do_not_depend_on_how_row_groups_are_packed_into_tasks(data):
             np.testing.assert_array_equal(x["image"], y["image"])
 
 
+def test_blocks_held_in_the_object_store_survive_the_workers_reusing_their_decode_buffer(data):
+    """Each decode process reuses one output buffer task after task: every block of an epoch,
+    all held at once, must still be what a fresh decode of its task gives."""
+    from reidscale.data.pipeline import _mix, read_decode_row_groups
+
+    groups = row_groups(data, "train")
+    ds = worker_epoch_dataset(groups, CFG, epoch=2, seed=5, rank=0, world=1).materialize()
+    held = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    mine = epoch_assignment(groups, 2, 5, 0, 1)
+    tasks = decode_tasks([(g, _mix(5, 2, index) % (2**63)) for index, g in mine], 1)
+    assert len(held) == len(tasks) > 4  # more tasks than the 2 worker processes: buffers were reused
+    for block, task in zip(held, tasks):
+        fresh = read_decode_row_groups({k: np.array([v], dtype=object) for k, v in task.items()}, CFG, True)
+        assert block["row_id"].tolist() == fresh["row_id"].tolist()
+        np.testing.assert_array_equal(block["image"], fresh["image"])
+
+
+def test_a_reused_decode_buffer_is_overwritten_by_the_next_call(data):
+    """The contract that keeps reuse_output to Ray tasks: an in-process caller keeping two
+    results would see the second's pixels in the first."""
+    from reidscale.data.pipeline import read_decode_row_groups
+
+    a, b = ({k: np.array([v], dtype=object) for k, v in t.items()}
+            for t in decode_tasks([(g, 0) for g in row_groups(data, "train")[:2]], 1))
+    first = read_decode_row_groups(a, CFG, True, reuse_output=True)
+    kept = first["image"].copy()
+    second = read_decode_row_groups(b, CFG, True, reuse_output=True)
+    assert np.shares_memory(first["image"], second["image"])
+    assert not np.array_equal(first["image"], kept)
+    np.testing.assert_array_equal(second["image"], read_decode_row_groups(b, CFG, True)["image"])
+
+
 def test_an_epoch_over_all_workers_visits_every_training_row(data):
     from reidscale.data.shards import read_metadata
 

@@ -87,7 +87,34 @@ def decode_tasks(groups: list[tuple[RowGroup, int]], rows_per_task: int) -> list
              "seed": [int(seed) for _, seed in t]} for t in tasks]
 
 
-def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, columns: tuple = TRAIN_COLUMNS) -> dict:
+class _OutputBuffer:
+    """One growing uint8 buffer per decode process, handed out again task after task.
+
+    Why: a fresh 50-60 MB array per task is fresh pages the kernel must fault in and zero on
+    first write; on this 2-core VM that was 110-220 µs of system time per 256×128 row, as
+    much as the decode itself (a reused buffer: 6 µs). Reuse is safe only where the array
+    leaves the process before the next call: a Ray task's returned block is copied into the
+    object store when the task yields it, and a worker process runs one task at a time.
+    """
+
+    def __init__(self):
+        self._buffer = np.zeros(0, dtype=np.uint8)
+
+    def zeros(self, shape: tuple) -> np.ndarray:
+        size = int(np.prod(shape))
+        if self._buffer.size < size:
+            self._buffer = np.zeros(size, dtype=np.uint8)
+            return self._buffer[:size].reshape(shape)
+        out = self._buffer[:size].reshape(shape)
+        out.fill(0)
+        return out
+
+
+_TASK_OUTPUT = _OutputBuffer()
+
+
+def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, columns: tuple = TRAIN_COLUMNS,
+                           reuse_output: bool = False) -> dict:
     """Ray Data map: each input row (from :func:`decode_tasks`) names row groups; output their
     decoded rows, in order, each group augmented with its own seed.
 
@@ -96,6 +123,10 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, colum
     wait for a batch (1.5× the batches/s of float32 blocks and 1 GB less memory in
     bench/data_throughput.py). They stay uint8 to the model's device, where
     ``models.inference.model_input`` normalises them.
+
+    ``reuse_output``: decode into this process's :class:`_OutputBuffer`, so the returned
+    ``image`` is overwritten by the next call: only for Ray tasks, whose output Ray copies
+    out when they return.
     """
     tables, seeds = [], []
     for paths, groups, task_seeds in zip(batch["path"], batch["row_group"], batch["seed"]):
@@ -103,7 +134,8 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, colum
             tables.append(pq.ParquetFile(str(path)).read_row_group(int(group), columns=list(columns)))
             seeds.append(int(seed))
     # every group decodes into its slice of one array: no concatenation of the pixels afterwards
-    images = np.zeros((sum(t.num_rows for t in tables), 3, cfg.height, cfg.width), dtype=np.uint8)
+    shape = (sum(t.num_rows for t in tables), 3, cfg.height, cfg.width)
+    images = _TASK_OUTPUT.zeros(shape) if reuse_output else np.zeros(shape, dtype=np.uint8)
     parts, start = [], 0
     for table, seed in zip(tables, seeds):
         cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -139,8 +171,11 @@ def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed
     # with one operator there is nothing downstream for the reservation to protect.
     ctx.op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train}, batch_size=1,
-                          batch_format="numpy", num_cpus=cpus_per_task)
+    # reuse_output: nothing downstream in this dataset, so each block is copied into the object
+    # store as its task returns (split_dataset does not: fused into the embedding actors, a
+    # decoded block could still be read there while the next one decodes)
+    return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train, "reuse_output": True},
+                          batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
 
 
 def split_dataset(root: str | Path, split: str, cfg: TransformConfig, *, columns: tuple,
