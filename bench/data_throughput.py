@@ -1,9 +1,10 @@
 """P×K batches per second: our Ray Data pipeline vs a torch DataLoader over JPEG files.
 
-Ours (what a training worker runs): ``pipeline.worker_epoch_dataset`` (one Ray Data task per
-``--rows-per-task`` rows of consecutive Parquet row groups, training's ``data_rows_per_task``
-by default: read + ``transforms.decode_batch``) → ``PKStream`` on the driver, one worker's
-whole stream (rank 0 of 1), local Ray with 2 CPUs.
+Ours (what a training worker runs): ``pipeline.worker_dataset`` (one Ray Dataset for all the
+epochs, one Ray Data task per ``--rows-per-task`` rows of consecutive Parquet row groups,
+training's ``data_rows_per_task`` by default: read + ``transforms.decode_batch``) split by
+``EpochBlocks`` → ``PKStream`` on the driver, one worker's whole stream (rank 0 of 1), local
+Ray with 2 CPUs.
 Standard: ``torch.utils.data.DataLoader`` with 2 worker processes and torchreid's
 ``RandomIdentitySampler`` (written out below), each item read from a folder of the same
 JPEG files and decoded/augmented by the same ``transforms.decode_batch``.
@@ -12,8 +13,9 @@ Both see the same images (a synthetic set, ``--identities`` train identities at 
 long-tailed counts), the same P×K and transforms, on the same machine, one after the other,
 each in its own fresh process. Per run: ``--epochs`` epochs; the first epoch includes worker
 start-up (Ray Data's first tasks, DataLoader worker forks; not ``ray.init``) and is reported
-apart; the rate is batches over wall time of the later epochs, each epoch building its
-stream afresh as training does. Peak memory is the largest sum of PSS (proportional set
+apart; the rate is batches over wall time of the later epochs, each epoch's sampler built
+afresh as training does (ours: one dataset across the epochs; the DataLoader: its workers
+forked again per epoch, torch's default). Peak memory is the largest sum of PSS (proportional set
 size: shared pages split between the processes that map them) over the run's whole process
 tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 1 s
 from the bench's own process (``_common.run_process_tree``), not from inside the measured one.
@@ -88,7 +90,7 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     the CPU, as a CPU-only training run does."""
     import ray
 
-    from reidscale.data.pipeline import PKStream, row_groups, worker_epoch_dataset
+    from reidscale.data.pipeline import EpochBlocks, PKStream, row_groups, worker_dataset
     from reidscale.data.transforms import TransformConfig
     from reidscale.models.inference import model_input
 
@@ -97,11 +99,12 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     groups = row_groups(shards, "train")
     stream = PKStream(p, k, seed=0)
+    ds = worker_dataset(groups, cfg, epochs=range(epochs), seed=0, rank=0, world=1, rows_per_task=rows_per_task)
+    blocks = EpochBlocks(ds.iter_batches(batch_size=None, batch_format="numpy"))
     per_epoch = []
     for epoch in range(epochs):
         t0, cpu0, batches, images, seen = time.perf_counter(), time.process_time(), 0, 0, stream.rows_seen
-        ds = worker_epoch_dataset(groups, cfg, epoch=epoch, seed=0, rank=0, world=1, rows_per_task=rows_per_task)
-        for batch in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch):
+        for batch in stream.epoch(blocks.epoch(epoch), epoch):
             if normalise_here:
                 model_input(batch["image"], cfg)
             batches += 1

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from reidscale.data.pipeline import PKStream, RowGroup, decode_tasks, epoch_assignment, row_groups, worker_epoch_dataset
+from reidscale.data.pipeline import (EpochBlocks, PKStream, RowGroup, decode_tasks, epoch_assignment, row_groups,
+                                     worker_dataset, worker_epoch_dataset)
 from reidscale.data.shards import write_dataset
 from reidscale.data.sources.synthetic import SyntheticConfig, generate
 from reidscale.data.transforms import TransformConfig, decode_batch
@@ -105,6 +106,32 @@ def test_a_reused_decode_buffer_is_overwritten_by_the_next_call(data):
     assert np.shares_memory(first["image"], second["image"])
     assert not np.array_equal(first["image"], kept)
     np.testing.assert_array_equal(second["image"], read_decode_row_groups(b, CFG, True)["image"])
+
+
+def test_one_dataset_over_several_epochs_gives_each_epochs_own_batches(data):
+    """Training reads all its epochs through one dataset split by EpochBlocks: each epoch's
+    batches must be those of that epoch's own dataset, starting from any epoch (a resume)."""
+    for first in (0, 2):
+        ds = worker_dataset(row_groups(data, "train"), CFG, epochs=range(first, 4), seed=3, rank=1, world=2)
+        blocks = EpochBlocks(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        stream = PKStream(4, 2, seed=3 * 1_000_003 + 1)
+        for epoch in range(first, 4):
+            got = list(stream.epoch(blocks.epoch(epoch), epoch))
+            alone = _epoch_batches(data, epoch, 1, 2, seed=3)
+            assert got and [b["row_id"].tolist() for b in got] == [b["row_id"].tolist() for b in alone]
+            for x, y in zip(got, alone):
+                np.testing.assert_array_equal(x["image"], y["image"])
+        assert list(blocks.epoch(4)) == []
+
+
+def test_epoch_blocks_skip_what_an_epoch_left_unread_and_hold_the_next_epochs_first_block():
+    blocks = [{"epoch": np.array([e] * n), "n": i} for i, (e, n) in enumerate([(0, 2), (0, 0), (0, 1), (1, 3), (3, 1)])]
+    split = EpochBlocks(iter(blocks))
+    first = split.epoch(0)
+    assert next(first)["n"] == 0  # the rest of epoch 0 left unread
+    assert [b["n"] for b in split.epoch(1)] == [3]
+    assert [b["n"] for b in split.epoch(2)] == []  # an epoch with no block of its own: nothing
+    assert [b["n"] for b in split.epoch(3)] == [4]
 
 
 def test_an_epoch_over_all_workers_visits_every_training_row(data):

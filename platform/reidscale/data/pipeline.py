@@ -144,24 +144,36 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, colum
         start = end
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "image"}
     result["image"] = images
+    if "epoch" in batch:  # tasks of a several-epoch dataset: which epoch each row is for
+        result["epoch"] = np.full(len(images), int(batch["epoch"][0]), dtype=np.int64)
     return result
 
 
-def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed: int, rank: int, world: int,
-                         train: bool = True, cpus_per_task: float = 1.0, rows_per_task: int = 1):
-    """The Ray Dataset of this worker's decoded rows for one epoch, in a reproducible order.
+def worker_dataset(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
+                   train: bool = True, cpus_per_task: float = 1.0, rows_per_task: int = 1):
+    """One Ray Dataset of this worker's decoded rows for ``epochs``, epoch after epoch, each in
+    a reproducible order; every row carries its ``epoch`` (split them with :class:`EpochBlocks`).
 
-    ``rows_per_task`` packs consecutive row groups into one decode task (:func:`decode_tasks`);
-    it changes neither the rows, their order nor their augmentation, only the block boundaries,
-    which :class:`PKStream` does not depend on.
+    Why one dataset for all epochs, not one per epoch: a new dataset starts its execution
+    from nothing when the epoch before it has drained, and its last tasks leave cores idle
+    while they finish; here the next epoch's first tasks decode during this epoch's tail
+    (bench/data_throughput.py: both cores idle ~0.2 s of each 1.5 s epoch with one dataset per
+    epoch). ``rows_per_task`` packs consecutive row groups into one decode task
+    (:func:`decode_tasks`); it changes neither the rows, their order nor their augmentation,
+    only the block boundaries, which :class:`PKStream` does not depend on.
     """
     import ray.data
 
-    mine = epoch_assignment(groups, epoch, seed, rank, world)
-    if not mine:
-        raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
-    items = decode_tasks([(g, _mix(seed, epoch, index) % (2**63)) for index, g in mine], rows_per_task)
-    # one dataset per worker per epoch: Ray Data's per-execution INFO lines would drown the job log
+    items = []
+    for epoch in epochs:
+        mine = epoch_assignment(groups, epoch, seed, rank, world)
+        if not mine:
+            raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
+        tasks = decode_tasks([(g, _mix(seed, epoch, index) % (2**63)) for index, g in mine], rows_per_task)
+        items += [{**task, "epoch": epoch} for task in tasks]
+    if not items:
+        raise ValueError(f"epochs {epochs}: no epoch to read")
+    # one dataset per worker per run: Ray Data's per-execution INFO lines would drown the job log
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible batches need a fixed order
@@ -173,9 +185,40 @@ def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, seed
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # reuse_output: nothing downstream in this dataset, so each block is copied into the object
     # store as its task returns (split_dataset does not: fused into the embedding actors, a
-    # decoded block could still be read there while the next one decodes)
+    # decoded block could still be read there while the next one decodes). Nothing may be
+    # chained onto this dataset for the same reason.
     return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train, "reuse_output": True},
                           batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
+
+
+def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, **kwargs):
+    """:func:`worker_dataset` of one epoch."""
+    return worker_dataset(groups, cfg, epochs=range(epoch, epoch + 1), **kwargs)
+
+
+class EpochBlocks:
+    """Split the block stream of a several-epoch :func:`worker_dataset` into one iterator per
+    epoch, asked for in order. Blocks of an earlier epoch its consumer left unread are skipped."""
+
+    def __init__(self, blocks: Iterable[dict]):
+        self._blocks = iter(blocks)
+        self._held: dict | None = None  # the first block of the next epoch, read ahead
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        while True:
+            block, self._held = self._held, None
+            if block is None:
+                block = next(self._blocks, None)
+                if block is None:
+                    return
+            if not len(block["epoch"]):
+                continue
+            at = int(block["epoch"][0])
+            if at > epoch:
+                self._held = block
+                return
+            if at == epoch:
+                yield block
 
 
 def split_dataset(root: str | Path, split: str, cfg: TransformConfig, *, columns: tuple,

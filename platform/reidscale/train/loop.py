@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 
 from reidscale import atomic, tracking
-from reidscale.data.pipeline import PKStream, worker_epoch_dataset
+from reidscale.data.pipeline import EpochBlocks, PKStream, worker_dataset
 from reidscale.models.inference import model_input
 from reidscale.models.reid import export_embedding_model, side_inputs
 from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
@@ -234,15 +234,21 @@ def epoch_metrics(metrics: dict) -> dict:
     return {renamed.get(k, k): v for k, v in metrics.items() if k != "global_step"}
 
 
-def run_epoch(w: Worker, state: TrainState, epoch: int) -> EpochStats:
+def epoch_blocks(w: Worker, first_epoch: int) -> EpochBlocks:
+    """This worker's decoded blocks from ``first_epoch`` to the last, one dataset for them all."""
+    t = w.cfg.train
+    dataset = worker_dataset(w.plan.row_groups, w.cfg.transform, epochs=range(first_epoch, t.epochs), seed=t.seed,
+                             rank=w.rank, world=w.world, cpus_per_task=t.data_cpus_per_task,
+                             rows_per_task=t.data_rows_per_task)
+    return EpochBlocks(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def run_epoch(w: Worker, state: TrainState, epoch: int, blocks: EpochBlocks) -> EpochStats:
     """One epoch of lockstep P×K steps, continuing mid-epoch after a restore."""
     t = w.cfg.train
     w.engine.train()
-    dataset = worker_epoch_dataset(w.plan.row_groups, w.cfg.transform, epoch=epoch, seed=t.seed, rank=w.rank,
-                                   world=w.world, cpus_per_task=t.data_cpus_per_task,
-                                   rows_per_task=t.data_rows_per_task)
     centres = _epoch_centres(w, epoch) if t.sampler == "hard" and epoch > 0 else None
-    real = w.stream.epoch(dataset.iter_batches(batch_size=None, batch_format="numpy"), epoch, centres)
+    real = w.stream.epoch(blocks.epoch(epoch), epoch, centres)
     step_in_epoch = state.step_in_epoch if epoch == state.epoch else 0
     for _ in range(step_in_epoch):
         # replay the batches a checkpoint already trained on, so the next ones are those
@@ -346,7 +352,8 @@ def finish(w: Worker, state: TrainState) -> None:
 def train_loop_per_worker(loop_config: dict) -> None:
     w, state = set_up(loop_config["plan"])
     restore(w, state)
+    blocks = epoch_blocks(w, state.epoch) if state.epoch < w.cfg.train.epochs else None
     for epoch in range(state.epoch, w.cfg.train.epochs):
-        stats = run_epoch(w, state, epoch)
+        stats = run_epoch(w, state, epoch, blocks)
         end_epoch(w, state, epoch, stats)
     finish(w, state)
