@@ -1,9 +1,9 @@
 """P×K batches per second: our Ray Data pipeline vs a torch DataLoader over JPEG files.
 
-Ours (what a training worker runs): ``pipeline.worker_dataset`` (one Ray Dataset for all the
+Ours (what a training worker runs): ``pipeline.worker_epochs`` (here one Ray Dataset for all the
 epochs, one Ray Data task per ``--rows-per-task`` rows of consecutive Parquet row groups,
-training's ``data_rows_per_task`` by default: read + ``transforms.decode_batch``) split by
-``EpochBlocks`` → ``PKStream`` on the driver, one worker's whole stream (rank 0 of 1), local
+training's ``data_rows_per_task`` by default: read + ``transforms.decode_batch``, split by
+epoch) → ``PKStream`` on the driver, one worker's whole stream (rank 0 of 1), local
 Ray with 2 CPUs.
 Standard: ``torch.utils.data.DataLoader`` with 2 worker processes and torchreid's
 ``RandomIdentitySampler`` (written out below), each item read from a folder of the same
@@ -90,7 +90,7 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     the CPU, as a CPU-only training run does."""
     import ray
 
-    from reidscale.data.pipeline import EpochBlocks, PKStream, row_groups, worker_dataset
+    from reidscale.data.pipeline import PKStream, row_groups, worker_epochs
     from reidscale.data.transforms import TransformConfig
     from reidscale.models.inference import model_input
 
@@ -99,8 +99,7 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     groups = row_groups(shards, "train")
     stream = PKStream(p, k, seed=0)
-    ds = worker_dataset(groups, cfg, epochs=range(epochs), seed=0, rank=0, world=1, rows_per_task=rows_per_task)
-    blocks = EpochBlocks(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    blocks = worker_epochs(groups, cfg, epochs=range(epochs), seed=0, rank=0, world=1, rows_per_task=rows_per_task)
     per_epoch = []
     for epoch in range(epochs):
         t0, cpu0, batches, images, seen = time.perf_counter(), time.process_time(), 0, 0, stream.rows_seen

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reidscale.data.pipeline import (EpochBlocks, PKStream, RowGroup, decode_tasks, epoch_assignment, row_groups,
-                                     worker_dataset, worker_epoch_dataset)
+                                     worker_epoch_dataset, worker_epochs)
 from reidscale.data.shards import write_dataset
 from reidscale.data.sources.synthetic import SyntheticConfig, generate
 from reidscale.data.transforms import TransformConfig, decode_batch
@@ -108,20 +108,23 @@ def test_a_reused_decode_buffer_is_overwritten_by_the_next_call(data):
     np.testing.assert_array_equal(second["image"], read_decode_row_groups(b, CFG, True)["image"])
 
 
-def test_one_dataset_over_several_epochs_gives_each_epochs_own_batches(data):
-    """Training reads all its epochs through one dataset split by EpochBlocks: each epoch's
-    batches must be those of that epoch's own dataset, starting from any epoch (a resume)."""
-    for first in (0, 2):
-        ds = worker_dataset(row_groups(data, "train"), CFG, epochs=range(first, 4), seed=3, rank=1, world=2)
-        blocks = EpochBlocks(ds.iter_batches(batch_size=None, batch_format="numpy"))
+def test_datasets_over_several_epochs_give_each_epochs_own_batches(data):
+    """Training reads its epochs through worker_epochs (datasets of several epochs, split by
+    epoch): each epoch's batches must be those of that epoch's own dataset, from any first
+    epoch (a resume), across the boundary between two datasets too."""
+    groups = row_groups(data, "train")
+    per_epoch = len(epoch_assignment(groups, 0, 3, 1, 2))
+    for first, tasks_per_dataset in ((0, 10_000), (2, 2 * per_epoch)):  # one dataset; datasets of 2 epochs
+        blocks = worker_epochs(groups, CFG, epochs=range(first, 5), seed=3, rank=1, world=2,
+                               tasks_per_dataset=tasks_per_dataset)
         stream = PKStream(4, 2, seed=3 * 1_000_003 + 1)
-        for epoch in range(first, 4):
+        for epoch in range(first, 5):
             got = list(stream.epoch(blocks.epoch(epoch), epoch))
             alone = _epoch_batches(data, epoch, 1, 2, seed=3)
             assert got and [b["row_id"].tolist() for b in got] == [b["row_id"].tolist() for b in alone]
             for x, y in zip(got, alone):
                 np.testing.assert_array_equal(x["image"], y["image"])
-        assert list(blocks.epoch(4)) == []
+        assert list(blocks.epoch(5)) == []
 
 
 def test_epoch_blocks_skip_what_an_epoch_left_unread_and_hold_the_next_epochs_first_block():

@@ -154,23 +154,17 @@ def worker_dataset(groups: list, cfg: TransformConfig, *, epochs: range, seed: i
     """One Ray Dataset of this worker's decoded rows for ``epochs``, epoch after epoch, each in
     a reproducible order; every row carries its ``epoch`` (split them with :class:`EpochBlocks`).
 
-    Why one dataset for all epochs, not one per epoch: a new dataset starts its execution
+    Why one dataset for several epochs, not one per epoch: a new dataset starts its execution
     from nothing when the epoch before it has drained, and its last tasks leave cores idle
     while they finish; here the next epoch's first tasks decode during this epoch's tail
     (bench/data_throughput.py: both cores idle ~0.2 s of each 1.5 s epoch with one dataset per
-    epoch). ``rows_per_task`` packs consecutive row groups into one decode task
+    epoch). Training reads it through :func:`worker_epochs`. ``rows_per_task`` packs consecutive row groups into one decode task
     (:func:`decode_tasks`); it changes neither the rows, their order nor their augmentation,
     only the block boundaries, which :class:`PKStream` does not depend on.
     """
     import ray.data
 
-    items = []
-    for epoch in epochs:
-        mine = epoch_assignment(groups, epoch, seed, rank, world)
-        if not mine:
-            raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
-        tasks = decode_tasks([(g, _mix(seed, epoch, index) % (2**63)) for index, g in mine], rows_per_task)
-        items += [{**task, "epoch": epoch} for task in tasks]
+    items = [item for epoch in epochs for item in _epoch_tasks(groups, epoch, seed, rank, world, rows_per_task)]
     if not items:
         raise ValueError(f"epochs {epochs}: no epoch to read")
     # one dataset per worker per run: Ray Data's per-execution INFO lines would drown the job log
@@ -189,6 +183,39 @@ def worker_dataset(groups: list, cfg: TransformConfig, *, epochs: range, seed: i
     # chained onto this dataset for the same reason.
     return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train, "reuse_output": True},
                           batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
+
+
+def _epoch_tasks(groups: list, epoch: int, seed: int, rank: int, world: int, rows_per_task: int) -> list[dict]:
+    mine = epoch_assignment(groups, epoch, seed, rank, world)
+    if not mine:
+        raise ValueError(f"worker {rank} of {world} has no row groups: the split has only {len(groups)}")
+    tasks = decode_tasks([(g, _mix(seed, epoch, index) % (2**63)) for index, g in mine], rows_per_task)
+    return [{**task, "epoch": epoch} for task in tasks]
+
+
+# Ray Data's from_items puts one object per decode task before the first block (1.6 ms each
+# here: 10,000 tasks took 15 s, 50,000 took 80 s), so one dataset covers as many epochs as
+# fit in this many tasks: a small split's whole run, one epoch of a million identities.
+TASKS_PER_DATASET = 2048
+
+
+def worker_epochs(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
+                  rows_per_task: int = 1, tasks_per_dataset: int = TASKS_PER_DATASET, **kwargs) -> EpochBlocks:
+    """This worker's decoded blocks for ``epochs``, split by epoch: :func:`worker_dataset` over
+    runs of consecutive epochs of at most ``tasks_per_dataset`` tasks (at least one epoch each),
+    each dataset built when the one before it has drained."""
+    if not len(epochs):
+        raise ValueError(f"epochs {epochs}: no epoch to read")
+    per_epoch = len(_epoch_tasks(groups, epochs[0], seed, rank, world, rows_per_task))
+    span = max(1, tasks_per_dataset // per_epoch)
+
+    def blocks() -> Iterator[dict]:
+        for start in range(epochs.start, epochs.stop, span):
+            ds = worker_dataset(groups, cfg, epochs=range(start, min(start + span, epochs.stop)), seed=seed,
+                                rank=rank, world=world, rows_per_task=rows_per_task, **kwargs)
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+    return EpochBlocks(blocks())
 
 
 def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, **kwargs):

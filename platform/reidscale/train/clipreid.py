@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from reidscale import atomic
-from reidscale.data.pipeline import EpochBlocks, PKStream, worker_dataset
+from reidscale.data.pipeline import PKStream, worker_epochs
 from reidscale.losses import supervised_contrastive_i2t, supervised_contrastive_t2i
 from reidscale.losses.sharded_image_text import sharded_supervised_contrastive
 from reidscale.models.inference import model_input
@@ -222,10 +222,9 @@ def _train_prompts(step_fn, visual, ctx) -> None:
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random")
     step, t0 = 0, time.time()
-    dataset = worker_dataset(ctx.plan.row_groups, cfg.transform, epochs=range(c.stage1_epochs),
-                             seed=cfg.train.seed + 7919, rank=rank, world=ctx.world, train=False,
-                             cpus_per_task=cfg.train.data_cpus_per_task, rows_per_task=cfg.train.data_rows_per_task)
-    blocks = EpochBlocks(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    blocks = worker_epochs(ctx.plan.row_groups, cfg.transform, epochs=range(c.stage1_epochs),
+                           seed=cfg.train.seed + 7919, rank=rank, world=ctx.world, train=False,
+                           cpus_per_task=cfg.train.data_cpus_per_task, rows_per_task=cfg.train.data_rows_per_task)
     for epoch in range(c.stage1_epochs):
         real = stream.epoch(blocks.epoch(epoch), epoch)
         for batch in lockstep(real, stream, device):

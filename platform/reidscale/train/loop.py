@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 
 from reidscale import atomic, tracking
-from reidscale.data.pipeline import EpochBlocks, PKStream, worker_dataset
+from reidscale.data.pipeline import EpochBlocks, PKStream, worker_epochs
 from reidscale.models.inference import model_input
 from reidscale.models.reid import export_embedding_model, side_inputs
 from reidscale.models.sharded_fc_checkpoint import load_sharded_fc, save_sharded_fc
@@ -235,12 +235,11 @@ def epoch_metrics(metrics: dict) -> dict:
 
 
 def epoch_blocks(w: Worker, first_epoch: int) -> EpochBlocks:
-    """This worker's decoded blocks from ``first_epoch`` to the last, one dataset for them all."""
+    """This worker's decoded blocks from ``first_epoch`` to the last."""
     t = w.cfg.train
-    dataset = worker_dataset(w.plan.row_groups, w.cfg.transform, epochs=range(first_epoch, t.epochs), seed=t.seed,
-                             rank=w.rank, world=w.world, cpus_per_task=t.data_cpus_per_task,
-                             rows_per_task=t.data_rows_per_task)
-    return EpochBlocks(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return worker_epochs(w.plan.row_groups, w.cfg.transform, epochs=range(first_epoch, t.epochs), seed=t.seed,
+                         rank=w.rank, world=w.world, cpus_per_task=t.data_cpus_per_task,
+                         rows_per_task=t.data_rows_per_task)
 
 
 def run_epoch(w: Worker, state: TrainState, epoch: int, blocks: EpochBlocks) -> EpochStats:
