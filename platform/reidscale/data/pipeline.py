@@ -5,9 +5,9 @@ whichever worker asks first, so neither the assignment nor the order of rows rep
 between runs, and a resumed run could not replay the batches an uninterrupted run saw.
 Instead each epoch permutes the shards' row groups with ``(seed, epoch)``, worker ``r``
 takes every ``world``-th row group, and a Ray Data pipeline (one task per row group or per
-few consecutive ones, order preserved) reads and decodes them on Ray's CPU workers. A row group holds whole
-identities (see ``shards``), so workers never split an identity, and no row goes to two
-workers in one epoch.
+few consecutive ones, order preserved, several epochs per dataset) reads and decodes them on
+Ray's CPU workers. A row group holds whole identities (see ``shards``), so workers never split
+an identity, and no row goes to two workers in one epoch.
 
 Only this module and the Ray-facing parts of ``train``/``embed`` import Ray; what it calls
 (transforms, sampler) is plain Python tested without a cluster.
@@ -158,16 +158,17 @@ def worker_dataset(groups: list, cfg: TransformConfig, *, epochs: range, seed: i
     from nothing when the epoch before it has drained, and its last tasks leave cores idle
     while they finish; here the next epoch's first tasks decode during this epoch's tail
     (bench/data_throughput.py: both cores idle ~0.2 s of each 1.5 s epoch with one dataset per
-    epoch). Training reads it through :func:`worker_epochs`. ``rows_per_task`` packs consecutive row groups into one decode task
-    (:func:`decode_tasks`); it changes neither the rows, their order nor their augmentation,
-    only the block boundaries, which :class:`PKStream` does not depend on.
+    epoch). Training reads it through :func:`worker_epochs`. ``rows_per_task`` packs
+    consecutive row groups into one decode task (:func:`decode_tasks`); it changes neither the
+    rows, their order nor their augmentation, only the block boundaries, which
+    :class:`PKStream` does not depend on.
     """
     import ray.data
 
     items = [item for epoch in epochs for item in _epoch_tasks(groups, epoch, seed, rank, world, rows_per_task)]
     if not items:
         raise ValueError(f"epochs {epochs}: no epoch to read")
-    # one dataset per worker per run: Ray Data's per-execution INFO lines would drown the job log
+    # a dataset per worker and few epochs: Ray Data's per-execution INFO lines would drown the job log
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # reproducible batches need a fixed order
