@@ -112,7 +112,7 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
         # with fewer than K images repeated (no decode of their own)
         per_epoch.append({"batches": batches, "images": images, "decoded": stream.rows_seen - seen,
                           "seconds": time.perf_counter() - t0, "driver_cpu_seconds": time.process_time() - cpu0})
-    stats = ds.stats() if profile else ""
+    stats = blocks.dataset.stats() if profile else ""
     ray.shutdown()
     total = time.perf_counter() - t_start
     return {"epochs": per_epoch, "total_seconds": total, "decode_errors": stream.decode_errors, "stats": stats}
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
     parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours or ours_cpu_normalise")
-    parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last epoch")
+    parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last dataset (here: all the epochs)")
     parser.add_argument("--rows-per-task", type=int, default=None,
                         help="rows per decode task (default: training's data_rows_per_task)")
     args = parser.parse_args()
@@ -300,7 +300,7 @@ def main() -> None:
         out["peak_pss_bytes"] = tree_peak
         stats = out.pop("stats", "")
         if stats:
-            print(f"--- {key}: Ray Data stats, last epoch ---\n{stats}")
+            print(f"--- {key}: Ray Data stats, last dataset ---\n{stats}")
         rates = _rates(out)
         results[key] = {**out, **rates, "driver_peak_rss_bytes": driver_peak}
         ratio = rates["batches_per_s"] / results["dataloader"]["batches_per_s"] if "dataloader" in results else None

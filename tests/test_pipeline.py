@@ -125,6 +125,9 @@ def test_datasets_over_several_epochs_give_each_epochs_own_batches(data):
             for x, y in zip(got, alone):
                 np.testing.assert_array_equal(x["image"], y["image"])
         assert list(blocks.epoch(5)) == []
+    # a run resumed after its last epoch, or a stage of 0 epochs: nothing to read, no dataset
+    nothing = worker_epochs(groups, CFG, epochs=range(5, 5), seed=3, rank=1, world=2)
+    assert list(nothing.epoch(5)) == [] and nothing.dataset is None
 
 
 def test_epoch_blocks_skip_what_an_epoch_left_unread_and_hold_the_next_epochs_first_block():

@@ -204,19 +204,18 @@ def worker_epochs(groups: list, cfg: TransformConfig, *, epochs: range, seed: in
                   rows_per_task: int = 1, tasks_per_dataset: int = TASKS_PER_DATASET, **kwargs) -> EpochBlocks:
     """This worker's decoded blocks for ``epochs``, split by epoch: :func:`worker_dataset` over
     runs of consecutive epochs of at most ``tasks_per_dataset`` tasks (at least one epoch each),
-    each dataset built when the one before it has drained."""
-    if not len(epochs):
-        raise ValueError(f"epochs {epochs}: no epoch to read")
-    per_epoch = len(_epoch_tasks(groups, epochs[0], seed, rank, world, rows_per_task))
+    each dataset built when the one before it has drained. No epochs: no blocks."""
+    per_epoch = len(_epoch_tasks(groups, epochs[0], seed, rank, world, rows_per_task)) if len(epochs) else 1
     span = max(1, tasks_per_dataset // per_epoch)
 
     def blocks() -> Iterator[dict]:
         for start in range(epochs.start, epochs.stop, span):
-            ds = worker_dataset(groups, cfg, epochs=range(start, min(start + span, epochs.stop)), seed=seed,
-                                rank=rank, world=world, rows_per_task=rows_per_task, **kwargs)
-            yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+            split.dataset = worker_dataset(groups, cfg, epochs=range(start, min(start + span, epochs.stop)),
+                                           seed=seed, rank=rank, world=world, rows_per_task=rows_per_task, **kwargs)
+            yield from split.dataset.iter_batches(batch_size=None, batch_format="numpy")
 
-    return EpochBlocks(blocks())
+    split = EpochBlocks(blocks())
+    return split
 
 
 def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, **kwargs):
@@ -231,6 +230,7 @@ class EpochBlocks:
     def __init__(self, blocks: Iterable[dict]):
         self._blocks = iter(blocks)
         self._held: dict | None = None  # the first block of the next epoch, read ahead
+        self.dataset = None  # the Ray Dataset being read (set by worker_epochs), for its stats()
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         while True:

@@ -216,8 +216,6 @@ def _train_prompts(step_fn, visual, ctx) -> None:
     loss; ``step_fn(image_features, labels) -> (loss, lr)`` takes one optimizer step on the
     frozen ``visual`` tower's embeddings."""
     cfg, c, rank, device = ctx.cfg, ctx.cfg.clipreid, ctx.rank, ctx.device
-    if not c.stage1_epochs:
-        return
     project = (lambda x: visual.features(x)[1]) if hasattr(visual, "features") else visual
     # seeds apart from stage 2's, so the two stages do not see the same order
     stream = PKStream(c.stage1_batch, 1, seed=cfg.train.seed * 1_000_003 + rank + 7919, mode="random")

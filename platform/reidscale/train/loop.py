@@ -351,7 +351,7 @@ def finish(w: Worker, state: TrainState) -> None:
 def train_loop_per_worker(loop_config: dict) -> None:
     w, state = set_up(loop_config["plan"])
     restore(w, state)
-    blocks = epoch_blocks(w, state.epoch) if state.epoch < w.cfg.train.epochs else None
+    blocks = epoch_blocks(w, state.epoch)
     for epoch in range(state.epoch, w.cfg.train.epochs):
         stats = run_epoch(w, state, epoch, blocks)
         end_epoch(w, state, epoch, stats)
