@@ -3,6 +3,7 @@ pytorch-metric-learning's CircleLoss when installed), values and gradients."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,13 +167,28 @@ def test_circle_margin_changes_the_loss():
 
 
 def test_circle_is_finite_in_float32_with_large_gamma_and_duplicates():
-    base = torch.randn(3, 8)
+    # orthogonal identities (cosine 0), each scaled (the loss normalises), identity 3 a copy of
+    # identity 0 (cosine 1 to a negative): a seeded batch whose loss has a closed form
+    g = torch.Generator().manual_seed(16)
+    base = torch.eye(3, 8)[torch.randperm(3, generator=g)] * (0.5 + torch.rand(3, 1, generator=g))
     features = torch.cat([base, base[:1]]).repeat_interleave(4, dim=0).requires_grad_(True)
-    loss = circle_loss(features, pk_labels(4, 4), 0.25, 256.0)
+    gamma, m = 256.0, 0.25
+    loss = circle_loss(features, pk_labels(4, 4), m, gamma)
     (grad,) = torch.autograd.grad(loss, features)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    # identities 0 and 3 coincide: similarity 1 to a negative costs about γ·(1+m)·(1-m)
-    assert loss.item() > 0.5 * 256 * 1.25 * 0.75
+
+    def logit_p(s):
+        return -gamma * max(1 + m - s, 0) * (s - (1 - m))
+
+    def logit_n(s):
+        return gamma * max(s + m, 0) * (s - m)
+
+    # every anchor has 3 positives at cosine 1; identities 0 and 3 have 4 negatives at cosine 1
+    # and 8 at 0 (logit γ·(1+m)·(1-m) = 240 each for the first), identities 1 and 2 have 12 at 0
+    pos = np.logaddexp.reduce([logit_p(1.0)] * 3)
+    twin = np.logaddexp(0, pos + np.logaddexp.reduce([logit_n(1.0)] * 4 + [logit_n(0.0)] * 8))
+    other = np.logaddexp(0, pos + np.logaddexp.reduce([logit_n(0.0)] * 12))
+    np.testing.assert_allclose(loss.item(), (8 * twin + 8 * other) / 16, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
