@@ -1,10 +1,10 @@
 import os
 import random
-import sys
 import zlib
 
 import numpy as np
 import pytest
+import torch
 
 # No weights or datasets can come from a hub in tests; loading code must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,5 +24,6 @@ def _seed_per_test(request):
     seed = (zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get(SEED_SHIFT_ENV, "0"))) % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    if "torch" in sys.modules:  # the test module imported it; tests without torch do not pay for it
-        sys.modules["torch"].manual_seed(seed)
+    # torch is imported here, not only when a test module has it: a test that imports it in its
+    # body would otherwise draw from wherever the tests before it left torch's generator
+    torch.manual_seed(seed)
