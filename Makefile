@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 # computes (a toy training job keeps 1.3 of 2 cores busy), so two processes on two cores cut the
 # suite from ~19 to 14-16 min here; each job test starts its own Ray, so more wants more memory.
 TEST_PROCESSES ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 .PHONY: install demo test clean-demo
 
@@ -32,11 +33,11 @@ demo: install
 # Then the evaluation tests again under a second OpenBLAS core type (issue 12: ranks hinge on the
 # last bit of a distance, and kernels round differently); .ci/second_blas_kernel.py picks it.
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(PYTEST)
 	@kernel=$$($(BIN)/python .ci/second_blas_kernel.py); \
 	if [ -n "$$kernel" ]; then \
 		echo "evaluation tests again with OPENBLAS_CORETYPE=$$kernel"; \
-		OPENBLAS_CORETYPE=$$kernel $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile tests/test_eval_*.py; \
+		OPENBLAS_CORETYPE=$$kernel $(PYTEST) tests/test_eval_*.py; \
 	else echo "numpy does not use OpenBLAS on x86-64 here: no second BLAS pass"; fi
 
 clean-demo:

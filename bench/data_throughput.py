@@ -237,7 +237,7 @@ def decode_limit(shards: Path, rows_per_task: int, cores: int = 2, passes: int =
     at most ``cores`` over that many images per second. The best of ``passes`` passes after a
     warm one: the first call of a process pays for imports and caches, and this VM's other
     load only ever adds (two single passes here read 435 and 274 µs)."""
-    from reidscale.data.pipeline import decode_tasks, read_decode_row_groups, row_groups
+    from reidscale.data.pipeline import decode_tasks, row_groups
     from reidscale.data.transforms import TransformConfig
 
     cfg = TransformConfig(height=HEIGHT, width=WIDTH)
@@ -248,8 +248,7 @@ def decode_limit(shards: Path, rows_per_task: int, cores: int = 2, passes: int =
     per_pass = []
     for _ in range(passes + 1):
         start = time.process_time()
-        for task in tasks:
-            read_decode_row_groups(task, cfg, train=True, reuse_output=True)
+        _decode_pass(tasks, cfg)
         per_pass.append(time.process_time() - start)
     cpu = min(per_pass[1:])
     return {"cpu_us_per_image": cpu / images * 1e6, "cores": cores, "images_per_s": cores * images / cpu,
@@ -257,8 +256,15 @@ def decode_limit(shards: Path, rows_per_task: int, cores: int = 2, passes: int =
             "side_by_side": decode_side_by_side(tasks, images, cores, passes)}
 
 
-def _decode_share(tasks: list, barrier, passes: int) -> list[tuple[float, float]]:
+def _decode_pass(tasks: list, cfg) -> None:
+    """What the training decode tasks do, in this process: read + decode + augment, reused buffer."""
     from reidscale.data.pipeline import read_decode_row_groups
+
+    for task in tasks:
+        read_decode_row_groups(task, cfg, train=True, reuse_output=True)
+
+
+def _decode_share(tasks: list, barrier, passes: int) -> list[tuple[float, float]]:
     from reidscale.data.transforms import TransformConfig
 
     cfg = TransformConfig(height=HEIGHT, width=WIDTH)
@@ -266,8 +272,7 @@ def _decode_share(tasks: list, barrier, passes: int) -> list[tuple[float, float]
     for _ in range(passes + 1):
         barrier.wait()
         start = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-        for task in tasks:
-            read_decode_row_groups(task, cfg, train=True, reuse_output=True)
+        _decode_pass(tasks, cfg)
         spans.append((start, time.perf_counter()))
     return spans
 
