@@ -93,11 +93,13 @@ def _ray_worker(config: dict) -> None:
 
 def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, threads: int, storage: str) -> list[float]:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from reidscale.train.trainer import JobScopedTorchTrainer  # the trainer training runs
 
     out = Path(storage, f"{workers}w")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
+    trainer = JobScopedTorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,

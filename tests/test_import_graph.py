@@ -26,6 +26,7 @@ LAZY_IMPORTS = {
     ("loop.py", "_epoch_centres"): {"deepspeed": "only ZeRO-3 needs it, to gather the classifier's rows"},
     ("job.py", "build_trainer"): {
         "ray.train": "the driver's checks and --help run without loading Ray Train; only fitting needs it",
+        "reidscale.train.trainer": "it subclasses Ray Train's TorchTrainer at import: only fitting needs it",
     },
     ("job.py", "_loop_entry"): {
         "reidscale.train.loop": "keeps DeepSpeed and the worker's modules out of the driver (Ray pickles _loop_entry)",

@@ -205,13 +205,15 @@ def _last_line(exc: BaseException) -> str:
 
 def build_trainer(plan: WorkerPlan, use_gpu: bool):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from reidscale.train.trainer import JobScopedTorchTrainer
 
     cfg = plan.cfg
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return JobScopedTorchTrainer(
         _loop_entry,
         train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(

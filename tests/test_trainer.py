@@ -1,0 +1,42 @@
+"""The trainer training fits: Ray Train's TorchTrainer minus the detached placement-group cleaner.
+
+The cleaner removed a live run's placement group when a State API reply came back empty under
+load (CI: "Destroying worker since its placement group was removed"); see reidscale.train.trainer.
+No Ray is started here: Ray Train builds its callbacks in the driver, before any actor exists.
+"""
+
+from __future__ import annotations
+
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from reidscale.train.trainer import JobScopedTorchTrainer
+
+
+def _callback_types(cls) -> list[str]:
+    trainer = cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=2),
+                  torch_config=TorchConfig(backend="gloo"))
+    return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+
+def test_job_scoped_trainer_keeps_every_stock_callback_but_the_placement_group_cleaner():
+    stock, ours = _callback_types(TorchTrainer), _callback_types(JobScopedTorchTrainer)
+    # the stock trainer still makes one: if Ray drops it, this module and its reason can go too
+    assert PlacementGroupCleanerCallback.__name__ in stock
+    assert ours == [name for name in stock if name != PlacementGroupCleanerCallback.__name__]
+    assert "BackendSetupCallback" in ours  # gloo/NCCL process groups are still set up by Ray
+
+
+def test_training_fits_the_job_scoped_trainer(tmp_path):
+    from reidscale.train.config import TrainJobConfig
+    from reidscale.train.job import build_trainer
+    from reidscale.train.state import WorkerPlan
+
+    cfg = TrainJobConfig()
+    cfg.train.storage_path = str(tmp_path)
+    plan = WorkerPlan(cfg=cfg, num_classes=10, steps_per_epoch=1, stage1_steps_per_epoch=0, row_groups=[],
+                      run_id="r", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    trainer = build_trainer(plan, use_gpu=False)
+    assert isinstance(trainer, JobScopedTorchTrainer)
+    assert not any(isinstance(cb, PlacementGroupCleanerCallback) for cb in trainer._create_default_callbacks())
