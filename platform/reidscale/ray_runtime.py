@@ -22,6 +22,14 @@ processes (an environment variable every Ray process inherits) and starts a smal
 on a pipe from the driver: when the pipe closes (the driver exited, however it died) the
 watchdog gives Ray ``FATE_GRACE_S`` to stop by itself, then SIGTERMs and SIGKILLs what is left.
 
+Preemption. Ray Train V2 starts a ``PreemptionWatcher`` actor per run that polls Ray for nodes
+being drained (spot instances going away) and logs it. A private Ray is this one machine, and
+nothing drains it, so ``init_ray`` turns the watcher off there (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``,
+unless the user set the variable): one process fewer beside a training worker on a small
+machine, and no "PreemptionWatcher ... has constructor arguments in the object store"
+line (ray-project/ray#53727, printed at error level by Ray's C++ logger) in every local run.
+A joined cluster keeps it.
+
 Quiet. Ray's INFO chatter (the "Started a local Ray instance" banner, Ray Data's execution
 plans and progress bars glued to our own, Ray Train's per-report "Reporting training result"
 and "Checkpoint successfully created") is held at WARNING unless ``verbose=True`` or
@@ -49,6 +57,8 @@ QUIETED_ENV = "REIDSCALE_QUIETED_VARS"
 # every process of a private Ray inherits this from the driver; the watchdog kills by it
 OWNER_ENV = "REIDSCALE_RAY_OWNER"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# read by Ray Train's controller, which a private Ray starts with this process's environment
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # seconds the watchdog waits for a private Ray to stop by itself once its driver is gone
 FATE_GRACE_S = 3.0
 _TERM_GRACE_S = 2.0
@@ -180,6 +190,7 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
         log.info("joined the Ray cluster at %s", address)
         return
     use_loopback_node_ip()
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # nothing drains a private Ray's one node
     _watch_private_ray()
     ctx = ray.init(address="local", num_cpus=num_cpus, _temp_dir=temp_dir, include_dashboard=include_dashboard,
                    runtime_env=_runtime_env(env), log_to_driver=True, logging_level=level, job_config=job_config)
