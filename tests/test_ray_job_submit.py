@@ -140,3 +140,62 @@ def test_py_modules_ship_a_library_copy_that_worker_processes_import(head, tmp_p
     _, in_worker, mark, path = probe.split()
     assert in_worker == "True" and mark == marker, probe
     assert not path.startswith(str(REPO)), path
+
+
+PG_DRIVER = """
+import os, sys, time
+from pathlib import Path
+import ray.train
+from ray.train.torch import TorchConfig
+from reidscale.ray_runtime import init_ray
+from reidscale.train.trainer import JobScopedTorchTrainer
+
+out = Path(sys.argv[1])
+init_ray()
+(out / "driver.pid").write_text(str(os.getpid()))
+
+def loop(config):
+    Path(config["out"], "training").write_text("1")
+    time.sleep(600)
+
+JobScopedTorchTrainer(loop, train_loop_config={"out": str(out)},
+                      scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                      torch_config=TorchConfig(backend="gloo"),
+                      run_config=ray.train.RunConfig(name="pg", storage_path=str(out / "results"))).fit()
+"""
+PG_STATES = """
+import json, ray
+from reidscale.ray_runtime import init_ray
+init_ray()
+print("PG", json.dumps(sorted(v["state"] for v in ray.util.placement_group_table().values())))
+"""
+
+
+def _placement_group_states(env) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", PG_STATES], env={**env, "RAY_ADDRESS": f"127.0.0.1:{env['RAY_PORT']}"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PG "))[3:])
+
+
+def test_a_killed_drivers_training_placement_group_goes_with_its_job(head, tmp_path):
+    """reidscale.train.trainer leaves Ray Train's detached placement-group cleaner out because a
+    group that is not detached lives as long as its job: SIGKILL the driver mid-training and
+    Ray must remove the run's group (its CPU comes back) with no cleaner running."""
+    import signal
+    import time
+
+    env, _ = head
+    proc = _submit(env, "python", "-c", PG_DRIVER, str(tmp_path), options=("--no-wait",), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "training").exists():
+        assert time.monotonic() < deadline, "the training loop never started"
+        time.sleep(1)
+    assert "CREATED" in _placement_group_states(env)  # the run holds its group while it trains
+    os.kill(int((tmp_path / "driver.pid").read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while "CREATED" in (states := _placement_group_states(env)):
+        assert time.monotonic() < deadline, f"the dead job's placement group is still there: {states}"
+        time.sleep(2)
+    assert "REMOVED" in states

@@ -15,9 +15,9 @@ things go wrong with it on a loaded machine:
   the user's console (11-12 lines per toy run with the two cores busy), and the poll itself costs
   the cleaner, the dashboard and the GCS CPU the training worker could use.
 
-What the cleaner guards against cannot happen to a reidscale job: the controller is an actor the
-job's driver owns, and a placement group that is not detached is removed by Ray when its job
-ends. If the controller dies, ``fit()`` raises in the driver, the job exits, and the group goes
+What the cleaner guards against cannot outlive a reidscale job: the controller is an actor the
+job's driver owns, and a placement group that is not detached lives as long as its job (Ray's own
+words in ray-project/ray#58515, which added the cleaner for nested drivers such as Tune trials). If the controller dies, ``fit()`` raises in the driver, the job exits, and the group goes
 with it. So this trainer leaves the cleaner out; everything else is Ray Train's default.
 """
 
