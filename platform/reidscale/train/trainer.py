@@ -5,38 +5,44 @@ a second it asks the State API (the dashboard's HTTP server, which asks the GCS)
 run's controller is alive, and removes the run's placement group when the answer is "no". Two
 things go wrong with it on a loaded machine:
 
-- ``ray.train.v2._internal.state.util.is_actor_alive`` takes an empty answer (the actor missing
-  from a State API reply that timed out part-way) for a dead controller, so the cleaner removes
-  the placement group of a live run and Ray destroys its workers ("Destroying worker since its
-  placement group was removed"). CI saw a 1-worker run die with exactly that message while the
-  machine ran two test processes; an automated review on ray-project/ray#65447 points at the same
-  line. ``max_failures`` does not help: the next group's placement group goes to the same cleaner.
-- Every reply that does time out prints "Failed to query Ray Train Controller actor state" on
-  the user's console (11-12 lines per toy run with the two cores busy), and the poll itself costs
-  the cleaner, the dashboard and the GCS CPU the training worker could use.
+- ``ray.train.v2._internal.state.util.is_actor_alive`` takes an empty answer for a dead
+  controller, so the cleaner can remove the placement group of a live run, and Ray destroys its
+  workers ("Destroying worker since its placement group was removed"). CI saw a 1-worker run die
+  with exactly that message while the machine ran two test processes; an automated review on
+  ray-project/ray#65447 points at the same line. ``max_failures`` does not help: the next
+  group's placement group goes to the same cleaner.
+- Every reply that times out prints "Failed to query Ray Train Controller actor state" on the
+  user's console (11-12 lines per toy run with the two cores busy), and the poll itself costs the
+  cleaner, the dashboard and the GCS CPU the training worker could use.
 
 What the cleaner guards against cannot outlive a reidscale job: the controller is an actor the
-job's driver owns, and a placement group that is not detached lives as long as its job (Ray's own
-words in ray-project/ray#58515, which added the cleaner for nested drivers such as Tune trials). If the controller dies, ``fit()`` raises in the driver, the job exits, and the group goes
-with it. So this trainer leaves the cleaner out; everything else is Ray Train's default.
+job's driver owns, and a placement group that is not detached lives as long as its job (Ray's
+own words in ray-project/ray#58515, which added the cleaner for nested drivers such as Tune
+trials). If the controller dies, ``fit()`` raises in the driver, the job exits, and the group
+goes with it (tests/test_ray_job_submit.py kills a driver mid-training and watches it go). So
+this trainer leaves the cleaner out; everything else is Ray Train's default.
 """
 
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-# Ray Train builds its callbacks in this method, in the driver, at fit(); if a Ray release
-# renames it the override below would silently do nothing, so fail at import instead
-# (tests/test_trainer.py also checks that the stock trainer still creates the cleaner)
-if not hasattr(TorchTrainer, "_create_default_callbacks"):
-    raise ImportError("this Ray Train no longer builds its callbacks in TorchTrainer._create_default_callbacks: "
-                      "reidscale.train.trainer needs updating for it")
+try:
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+except ImportError:  # a Ray Train from before the cleaner: nothing to leave out
+    PlacementGroupCleanerCallback = None
 
 
 class JobScopedTorchTrainer(TorchTrainer):
-    """``ray.train.torch.TorchTrainer`` without the detached placement-group cleaner (module docstring)."""
+    """``ray.train.torch.TorchTrainer`` without the detached placement-group cleaner (module docstring).
+
+    Ray Train builds its callbacks in the driver at ``fit()``; if a release stops doing it in
+    this method, the override does nothing, and tests/test_trainer.py (which checks that the stock
+    trainer still makes a cleaner and ours does not) fails.
+    """
 
     def _create_default_callbacks(self):
-        return [cb for cb in super()._create_default_callbacks()
-                if not isinstance(cb, PlacementGroupCleanerCallback)]
+        callbacks = super()._create_default_callbacks()
+        if PlacementGroupCleanerCallback is None:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
