@@ -6,7 +6,8 @@ RUN_DIR ?= runs/demo
 STAMP := $(VENV)/.installed
 # pytest processes side by side. A job test waits on Ray starting and stopping more than it
 # computes (a toy training job keeps 1.3 of 2 cores busy), so two processes on two cores cut the
-# suite from ~19 to 14-16 min here; each job test starts its own Ray, so more wants more memory.
+# suite from ~19 to 11-16 min here (docs/benchmarks.md); each job test starts its own Ray, so more
+# wants more memory.
 TEST_PROCESSES ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
