@@ -34,6 +34,8 @@ from reidscale.train.job import omp_env  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "train.yaml"
 NUM_CLASSES = 200
+# the CPU sampler's period; it runs during both sides of a pair, so both pay the same for it
+CPU_SAMPLE_S = 0.5
 
 
 def _batches(cfg: TrainJobConfig, n: int, seed: int):
@@ -112,7 +114,7 @@ def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, th
     )
     # CPU of every process, sampled during the fit (the training workers exit before it returns)
     history: list[tuple[float, dict]] = []
-    with Periodic(lambda: history.append((time.time(), _cpu_seconds_by_process())), interval=0.5):
+    with Periodic(lambda: history.append((time.time(), _cpu_seconds_by_process())), interval=CPU_SAMPLE_S):
         trainer.fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
     # who used the cores while every rank was in its timed steps (warm-up included: a margin)
@@ -185,7 +187,7 @@ def main() -> None:
                 if side == "plain":
                     # the same CPU sampler as during ours, whose ~0.01 cores would otherwise
                     # count against ours alone
-                    with Periodic(_cpu_seconds_by_process, interval=0.5):
+                    with Periodic(_cpu_seconds_by_process, interval=CPU_SAMPLE_S):
                         runs[side] = run_isolated(plain_loop, cfg, args.steps, args.warmup, args.threads)[0]
                 else:
                     # Ray as training starts it (reidscale.ray_runtime: loopback, dashboard on, no

@@ -181,7 +181,7 @@ def _placement_group_states(env) -> list[str]:
 def test_a_killed_drivers_training_placement_group_goes_with_its_job(head, tmp_path):
     """reidscale.train.trainer leaves Ray Train's detached placement-group cleaner out because a
     group that is not detached lives as long as its job: SIGKILL the driver mid-training and
-    Ray must remove the run's group (its CPU comes back) with no cleaner running."""
+    Ray must mark the run's group REMOVED with no cleaner running."""
     import signal
     import time
 
