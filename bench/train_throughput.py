@@ -8,13 +8,20 @@ with 2 workers (data parallel, gloo on CPU), each against the plain loop (1 proc
 taken per pair and the median reported. The plain loop runs with no Ray on the machine; each
 of our runs starts Ray the way training does (``init_ray``) and stops it afterwards.
 
-    python bench/train_throughput.py [--steps 160] [--warmup 40] [--threads 2] [--pairs 5]
+    python bench/train_throughput.py [--steps 160] [--warmup 40] [--threads 2] [--pairs 5] [--diagnose]
+
+``--diagnose`` splits the 1-worker gap into its layers, each run in the same pair as its plain
+loop: the plain loop beside a synthetic background load of ``--background-cores`` (what Ray's
+own processes take: CPU time alone, no Ray), the plain loop as a Ray task (Ray's processes and a
+Ray worker process), the plain loop in a Ray Train worker (Ray Train's controller, actors and
+worker threads), and ours (DeepSpeed on top).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +75,70 @@ def plain_loop(cfg: TrainJobConfig, steps: int, warmup: int, threads: int) -> fl
         optimizer.step()
 
     return _timed(step, _batches(cfg, steps + warmup, 0), warmup)
+
+
+# A process busy `cores` × 20 ms of every 20 ms (0.1 cores: 2 ms bursts; Ray's processes wake
+# every 10 ms or more), to measure what background CPU alone costs the plain loop.
+_BURNER = """
+import sys, time
+cores, period = float(sys.argv[1]), 0.02
+while True:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < cores * period:
+        pass
+    time.sleep(period * (1 - cores))
+"""
+
+
+def plain_beside_load(cfg: TrainJobConfig, steps: int, warmup: int, threads: int, cores: float) -> float:
+    burner = subprocess.Popen([sys.executable, "-c", _BURNER, str(cores)])
+    try:
+        return run_isolated(plain_loop, cfg, steps, warmup, threads)[0]
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def plain_in_ray_task(cfg: TrainJobConfig, steps: int, warmup: int, threads: int) -> float:
+    """The plain loop as a Ray task in a Ray started as training starts it: Ray without Ray Train."""
+    import ray
+
+    init_ray(num_cpus=2, job_name="bench-train")
+    try:
+        task = ray.remote(num_cpus=threads, runtime_env=omp_env(threads))(plain_loop)
+        return ray.get(task.remote(cfg, steps, warmup, threads))
+    finally:
+        ray.shutdown()
+
+
+def _plain_train_worker(config: dict) -> None:
+    rate = plain_loop(config["cfg"], config["steps"], config["warmup"], config["threads"])
+    Path(config["out"], "rank0.json").write_text(json.dumps({"images_per_s": rate}))
+
+
+def plain_in_train_worker(cfg: TrainJobConfig, steps: int, warmup: int, threads: int, storage: str) -> float:
+    """The plain loop (no DeepSpeed) in a 1-worker Ray Train run: Ray Train without DeepSpeed."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    from reidscale.train.trainer import JobScopedTorchTrainer
+
+    out = Path(storage, "plain-in-train")
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(num_cpus=2, job_name="bench-train")
+    try:
+        JobScopedTorchTrainer(
+            _plain_train_worker,
+            train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": threads}),
+            torch_config=TorchConfig(backend="gloo"),
+            run_config=ray.train.RunConfig(name="bench-plain-in-train", storage_path=storage,
+                                           worker_runtime_env=omp_env(threads), logging_config=train_logging_config()),
+        ).fit()
+    finally:
+        ray.shutdown()
+    return json.loads((out / "rank0.json").read_text())["images_per_s"]
 
 
 def _ray_worker(config: dict) -> None:
@@ -169,6 +240,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process rows")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved (plain, ours) pairs per worker count")
+    parser.add_argument("--diagnose", action="store_true", help="also the 1-worker gap's layers (module docstring)")
+    parser.add_argument("--background-cores", type=float, default=0.1,
+                        help="--diagnose: the synthetic background load, in cores (Ray's own processes took ~0.1)")
     args = parser.parse_args()
     cfg = load_config(TrainJobConfig, CONFIG)
     storage = tempfile.mkdtemp(prefix="bench-train-")
@@ -201,6 +275,17 @@ def main() -> None:
             pairs[workers].append({**runs, "ratio": runs["ours"] / runs["plain"], **_CPU_SHARES[-1]})
             print(f"pair {i + 1}/{args.pairs}, {workers} worker(s): plain {runs['plain']:.1f}, "
                   f"ours {runs['ours']:.1f} images/s, ratio {runs['ours'] / runs['plain']:.3f}", flush=True)
+            if args.diagnose and workers == 1:
+                layers = {}
+                for name, run in (("plain beside background load",
+                                   lambda: plain_beside_load(cfg, args.steps, args.warmup, threads, args.background_cores)),
+                                  ("plain loop as a Ray task", lambda: plain_in_ray_task(cfg, args.steps, args.warmup, threads)),
+                                  ("plain loop in a Ray Train worker",
+                                   lambda: plain_in_train_worker(cfg, args.steps, args.warmup, threads, storage))):
+                    wait_until_quiet()
+                    layers[name] = run() / runs["plain"]
+                pairs[1][-1]["layers"] = layers
+                print("  layers: " + ", ".join(f"{k} {v:.3f}" for k, v in layers.items()), flush=True)
     rows, summary = [], {}
     for workers, found in pairs.items():
         ratios = [p["ratio"] for p in found]
@@ -216,11 +301,20 @@ def main() -> None:
                          f"{statistics.median(p['other_process_cores'] for p in found):.2f}",
                      "median ratio": f"{statistics.median(ratios):.3f}"})
     print_table(rows)
+    if args.diagnose:
+        names = list(pairs[1][0]["layers"])
+        print_table([{"1 worker, vs the plain loop of the same pair": name,
+                      "ratio per pair": " ".join(f"{p['layers'][name]:.2f}" for p in pairs[1]),
+                      "median": f"{statistics.median(p['layers'][name] for p in pairs[1]):.3f}"}
+                     for name in names] + [{"1 worker, vs the plain loop of the same pair": "ours (Ray Train + DeepSpeed)",
+                                            "ratio per pair": " ".join(f"{p['ratio']:.2f}" for p in pairs[1]),
+                                            "median": f"{summary['1w']['median_ratio']:.3f}"}])
     batch = cfg.train.p * cfg.train.k
     write_results("train_throughput", {
         "model": "demo tiny ViT (configs/demo/train.yaml)", "batch_per_worker": batch,
         "image": [cfg.transform.height, cfg.transform.width], "steps": args.steps, "warmup": args.warmup,
         "plain_threads": args.threads, "pairs": args.pairs, "results": summary,
+        "background_cores": args.background_cores if args.diagnose else None,
     })
 
 
