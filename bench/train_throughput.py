@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--background-cores", type=float, default=0.1,
                         help="--diagnose: the synthetic background load, in cores (Ray's own processes took ~0.1)")
     args = parser.parse_args()
+    if not 0 < args.background_cores < 1:
+        parser.error(f"--background-cores {args.background_cores}: a share of one core, between 0 and 1")
     cfg = load_config(TrainJobConfig, CONFIG)
     storage = tempfile.mkdtemp(prefix="bench-train-")
 
