@@ -171,6 +171,46 @@ def test_private_ray_listens_on_loopback_only_and_dies_with_its_sigkilled_driver
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DASHBOARD_PROBE = """
+import sys, psutil, ray
+from reidscale.ray_runtime import init_ray
+init_ray(num_cpus=1, temp_dir=sys.argv[1], job_name="dashboard-probe")
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+# without its dashboard a private Ray keeps dashboard.py (minimal: the job API) but none of the
+# module processes (ray-dashboard-NodeHead-0, -StateHead-0, ...)
+heads = [p for p in psutil.Process().children(recursive=True) if " ".join(p.cmdline()).startswith("ray-dashboard-")]
+print("DASHBOARD_HEADS", len(heads), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("setting,expect_heads", [("0", False), ("on", True)])
+def test_the_private_rays_dashboard_follows_the_environment_setting(setting, expect_heads):
+    tmp = short_tmp("rs-db-")
+    try:
+        script = tmp / "probe.py"
+        script.write_text(DASHBOARD_PROBE)
+        done = subprocess.run([sys.executable, str(script), str(tmp / "ray")], env=clean_env(REIDSCALE_RAY_DASHBOARD=setting),
+                              cwd=tmp, capture_output=True, text=True, timeout=150)
+        found = [line for line in done.stdout.splitlines() if line.startswith("DASHBOARD_HEADS ")]
+        assert found, (done.stdout + done.stderr)[-3000:]
+        assert (int(found[0].split()[1]) > 0) == expect_heads, found
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_dashboard_setting_comes_from_the_argument_else_the_environment(monkeypatch):
+    from reidscale import ray_runtime
+
+    monkeypatch.delenv(ray_runtime.DASHBOARD_ENV, raising=False)
+    assert ray_runtime.private_dashboard() is None and ray_runtime.private_dashboard(False) is False
+    monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, "off")
+    assert ray_runtime.private_dashboard() is False and ray_runtime.private_dashboard(True) is True
+    monkeypatch.setenv(ray_runtime.DASHBOARD_ENV, "maybe")
+    with pytest.raises(ValueError, match="REIDSCALE_RAY_DASHBOARD='maybe'"):
+        ray_runtime.private_dashboard()
+
+
 # --- heads started by clusters/local/start.sh ----------------------------------------------
 
 

@@ -52,6 +52,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 VERBOSE_ENV = "REIDSCALE_RAY_VERBOSE"
+# a private Ray's dashboard: 0/false/no/off leaves it out (unset: Ray's default, on)
+DASHBOARD_ENV = "REIDSCALE_RAY_DASHBOARD"
 # the quiet_env variables quiet_ray put in os.environ itself (children inherit both)
 QUIETED_ENV = "REIDSCALE_QUIETED_VARS"
 # every process of a private Ray inherits this from the driver; the watchdog kills by it
@@ -71,6 +73,26 @@ def ray_verbose(verbose: bool | None = None) -> bool:
     if verbose is not None:
         return bool(verbose)
     return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def private_dashboard(include_dashboard: bool | None = None) -> bool | None:
+    """Whether a private Ray starts its dashboard: ``include_dashboard`` if given, else
+    ``REIDSCALE_RAY_DASHBOARD`` (1/true/yes/on or 0/false/no/off), else None (Ray's default: on).
+
+    Why a switch: the dashboard's module processes (NodeHead, StateHead, JobHead, ... and their
+    forkserver: 11 here) wake on timers. On a 2-core machine they cost a 1-worker training run
+    ~5% of its images/s (docs/benchmarks.md); on a GPU node, not worth a missing dashboard. Off,
+    Ray keeps a minimal dashboard.py for its job API."""
+    if include_dashboard is not None:
+        return include_dashboard
+    value = os.environ.get(DASHBOARD_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{DASHBOARD_ENV}={value!r}: not one of 1/true/yes/on, 0/false/no/off")
 
 
 def quiet_env(verbose: bool | None = None) -> dict[str, str]:
@@ -165,8 +187,9 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
     """Join ``RAY_ADDRESS`` if set, else start a private loopback Ray that dies with this process.
 
     Idempotent: does nothing if Ray is already initialised in this process. ``num_cpus``,
-    ``temp_dir`` and ``include_dashboard`` apply to a private Ray only. Ray's INFO chatter
-    stays at WARNING unless ``verbose`` (or ``REIDSCALE_RAY_VERBOSE=1``). ``job_name`` (default:
+    ``temp_dir`` and ``include_dashboard`` (default: ``REIDSCALE_RAY_DASHBOARD``, else on) apply to
+    a private Ray only. Ray's INFO chatter stays at WARNING unless ``verbose`` (or
+    ``REIDSCALE_RAY_VERBOSE=1``). ``job_name`` (default:
     the script's name) is the job's ``job_name`` metadata, the dashboard's Name column; a
     ``ray job submit --metadata-json '{"job_name": ...}'`` keeps its own (Ray prefers it).
     """
@@ -175,6 +198,7 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
 
     if ray.is_initialized():
         return
+    include_dashboard = private_dashboard(include_dashboard)  # a bad setting refused before Ray starts
     env = quiet_ray(verbose)
     job_config = JobConfig(metadata={"job_name": job_name or Path(sys.argv[0] or "python").stem or "python"})
     # the driver's "ray" logger (banner, Ray Core INFO); log_to_driver stays on: our own
