@@ -52,6 +52,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 VERBOSE_ENV = "REIDSCALE_RAY_VERBOSE"
+# how our REIDSCALE_RAY_* switches are written
+_ON_WORDS = ("1", "true", "yes", "on")
+_OFF_WORDS = ("0", "false", "no", "off")
 # a private Ray's dashboard: 0/false/no/off leaves it out (unset: Ray's default, on)
 DASHBOARD_ENV = "REIDSCALE_RAY_DASHBOARD"
 # the quiet_env variables quiet_ray put in os.environ itself (children inherit both)
@@ -72,7 +75,7 @@ def ray_verbose(verbose: bool | None = None) -> bool:
     """``verbose`` if given, else ``REIDSCALE_RAY_VERBOSE`` (1/true/yes/on)."""
     if verbose is not None:
         return bool(verbose)
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in _ON_WORDS
 
 
 def private_dashboard(include_dashboard: bool | None = None) -> bool | None:
@@ -81,18 +84,18 @@ def private_dashboard(include_dashboard: bool | None = None) -> bool | None:
 
     Why a switch: the dashboard's module processes (NodeHead, StateHead, JobHead, ... and their
     forkserver: 11 here) wake on timers. On a 2-core machine they cost a 1-worker training run
-    ~5% of its images/s (docs/benchmarks.md); on a GPU node, not worth a missing dashboard. Off,
+    3-7.5% of its images/s (docs/benchmarks.md); on a GPU node, not worth a missing dashboard. Off,
     Ray keeps a minimal dashboard.py for its job API."""
     if include_dashboard is not None:
         return include_dashboard
     value = os.environ.get(DASHBOARD_ENV, "").strip().lower()
     if not value:
         return None
-    if value in ("1", "true", "yes", "on"):
+    if value in _ON_WORDS:
         return True
-    if value in ("0", "false", "no", "off"):
+    if value in _OFF_WORDS:
         return False
-    raise ValueError(f"{DASHBOARD_ENV}={value!r}: not one of 1/true/yes/on, 0/false/no/off")
+    raise ValueError(f"{DASHBOARD_ENV}={value!r}: not one of {'/'.join(_ON_WORDS)}, {'/'.join(_OFF_WORDS)}")
 
 
 def quiet_env(verbose: bool | None = None) -> dict[str, str]:
