@@ -20,6 +20,7 @@ worker threads), and ours (DeepSpeed on top).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -99,16 +100,43 @@ def plain_beside_load(cfg: TrainJobConfig, steps: int, warmup: int, threads: int
         burner.wait()
 
 
-def plain_in_ray_task(cfg: TrainJobConfig, steps: int, warmup: int, threads: int) -> float:
-    """The plain loop as a Ray task in a Ray started as training starts it: Ray without Ray Train."""
+@contextlib.contextmanager
+def _private_ray():
+    """Ray as training starts it (``init_ray``: loopback, its dashboard per ``REIDSCALE_RAY_DASHBOARD``,
+    no preemption watcher), stopped on exit: an idle Ray takes 0.04-0.07 cores, which must not
+    slow the plain loop's turn."""
     import ray
 
     init_ray(num_cpus=2, job_name="bench-train")
     try:
-        task = ray.remote(num_cpus=threads, runtime_env=omp_env(threads))(plain_loop)
-        return ray.get(task.remote(cfg, steps, warmup, threads))
+        yield
     finally:
         ray.shutdown()
+
+
+def _trainer(loop, config: dict, workers: int, threads: int, storage: str, name: str):
+    """The trainer training fits (``JobScopedTorchTrainer``), gloo, ``threads`` CPUs and OpenMP threads per worker."""
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    from reidscale.train.trainer import JobScopedTorchTrainer
+
+    return JobScopedTorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, worker_runtime_env=omp_env(threads),
+                                       logging_config=train_logging_config()),
+    )
+
+
+def plain_in_ray_task(cfg: TrainJobConfig, steps: int, warmup: int, threads: int) -> float:
+    """The plain loop as a Ray task in a Ray started as training starts it: Ray without Ray Train."""
+    import ray
+
+    with _private_ray():
+        task = ray.remote(num_cpus=threads, runtime_env=omp_env(threads))(plain_loop)
+        return ray.get(task.remote(cfg, steps, warmup, threads))
 
 
 def _plain_train_worker(config: dict) -> None:
@@ -118,26 +146,11 @@ def _plain_train_worker(config: dict) -> None:
 
 def plain_in_train_worker(cfg: TrainJobConfig, steps: int, warmup: int, threads: int, storage: str) -> float:
     """The plain loop (no DeepSpeed) in a 1-worker Ray Train run: Ray Train without DeepSpeed."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig
-
-    from reidscale.train.trainer import JobScopedTorchTrainer
-
     out = Path(storage, "plain-in-train")
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(num_cpus=2, job_name="bench-train")
-    try:
-        JobScopedTorchTrainer(
-            _plain_train_worker,
-            train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": threads}),
-            torch_config=TorchConfig(backend="gloo"),
-            run_config=ray.train.RunConfig(name="bench-plain-in-train", storage_path=storage,
-                                           worker_runtime_env=omp_env(threads), logging_config=train_logging_config()),
-        ).fit()
-    finally:
-        ray.shutdown()
+    config = {"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)}
+    with _private_ray():
+        _trainer(_plain_train_worker, config, 1, threads, storage, "bench-plain-in-train").fit()
     return json.loads((out / "rank0.json").read_text())["images_per_s"]
 
 
@@ -167,22 +180,10 @@ def _ray_worker(config: dict) -> None:
 
 
 def ray_deepspeed(cfg: TrainJobConfig, workers: int, steps: int, warmup: int, threads: int, storage: str) -> list[float]:
-    import ray.train
-    from ray.train.torch import TorchConfig
-
-    from reidscale.train.trainer import JobScopedTorchTrainer  # the trainer training runs
-
     out = Path(storage, f"{workers}w")
     out.mkdir(parents=True, exist_ok=True)
-    trainer = JobScopedTorchTrainer(
-        _ray_worker,
-        train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
-                                               resources_per_worker={"CPU": threads}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(name=f"bench-{workers}w", storage_path=storage,
-                                       worker_runtime_env=omp_env(threads), logging_config=train_logging_config()),
-    )
+    config = {"cfg": cfg, "steps": steps, "warmup": warmup, "threads": threads, "out": str(out)}
+    trainer = _trainer(_ray_worker, config, workers, threads, storage, f"bench-{workers}w")
     # CPU of every process, sampled during the fit (the training workers exit before it returns)
     history: list[tuple[float, dict]] = []
     with Periodic(lambda: history.append((time.time(), _cpu_seconds_by_process())), interval=CPU_SAMPLE_S):
@@ -231,8 +232,6 @@ def main() -> None:
     import statistics
     import tempfile
 
-    import ray
-
     parser = argparse.ArgumentParser()
     # training's steady state: Ray Train starts helper actors during a run's first seconds, and
     # 5 warm-up + 80 steps (~7 s) measured 0.91 where 40 + 160 measured 0.94 in the same setup
@@ -266,14 +265,8 @@ def main() -> None:
                     with Periodic(_cpu_seconds_by_process, interval=CPU_SAMPLE_S):
                         runs[side] = run_isolated(plain_loop, cfg, args.steps, args.warmup, args.threads)[0]
                 else:
-                    # Ray as training starts it (reidscale.ray_runtime: loopback, dashboard on, no
-                    # preemption watcher on a private Ray) and stopped after: an idle Ray takes
-                    # 0.04-0.07 cores, which must not slow the plain loop's turn
-                    init_ray(num_cpus=2, job_name="bench-train")
-                    try:
+                    with _private_ray():
                         runs[side] = sum(ray_deepspeed(cfg, workers, args.steps, args.warmup, threads, storage))
-                    finally:
-                        ray.shutdown()
             pairs[workers].append({**runs, "ratio": runs["ours"] / runs["plain"], **_CPU_SHARES[-1]})
             print(f"pair {i + 1}/{args.pairs}, {workers} worker(s): plain {runs['plain']:.1f}, "
                   f"ours {runs['ours']:.1f} images/s, ratio {runs['ours'] / runs['plain']:.3f}", flush=True)
