@@ -125,3 +125,40 @@ def test_a_directory_that_is_not_an_exported_model_names_the_training_command(tm
     for config_cls, fn in ((IndexJobConfig, build_gallery_index), (EvalJobConfig, evaluate_model)):
         line = _one_line_error(capsys, config_cls, fn, [f"run_dir={tmp_path}", f"model_dir={not_a_model}"])
         assert str(not_a_model) in line and "python jobs/train_clipreid.py" in line
+
+
+FAISS_JOB = """
+import dataclasses, logging, sys
+from reidscale.cli import run_job
+
+@dataclasses.dataclass
+class Probe:
+    n: int = 1
+
+def job(cfg):
+    import faiss  # its loader logs as the library loads
+    logging.getLogger("reidscale.probe").info("OUR LINE %d", faiss.get_num_gpus() + cfg.n)
+    logging.getLogger("faiss.loader").warning("FAISS WARNING")
+    return {}
+
+if sys.argv[1] == "job":
+    sys.exit(run_job(Probe, job, argv=[], print_summary=False))
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # what a job did before
+import faiss
+"""
+
+
+def test_a_job_shows_its_own_lines_and_faiss_warnings_but_not_faiss_loader_chatter(tmp_path):
+    script = tmp_path / "faiss_job.py"
+    script.write_text(FAISS_JOB)
+
+    def stderr(mode: str) -> str:
+        done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    # the premise: with the root logger at INFO, faiss's loader prints its lines
+    assert "Loading faiss" in stderr("plain")
+    out = stderr("job")
+    assert "OUR LINE 1" in out and "FAISS WARNING" in out, out
+    assert "Loading faiss" not in out and "Could not load library" not in out, out

@@ -11,6 +11,11 @@ from reidscale.config import ConfigError, help_text, parse_job_args
 
 T = TypeVar("T")
 
+# Libraries whose INFO lines are for their own developers: faiss's loader writes nine lines per
+# process on a CPU without AVX512 ("Could not load library with AVX512-SPR support due to:
+# ModuleNotFoundError(...)", ...) before the one that says it loaded; its warnings still show.
+QUIET_LIBRARY_LOGGERS = ("faiss.loader",)
+
 # Errors a user can act on: printed as one line, no traceback. Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
@@ -65,6 +70,8 @@ def run_job(config_cls: type[T], fn: Callable[[T], dict], argv: list[str] | None
         print(help_text(config_cls, doc))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = parse_job_args(config_cls, argv)
     except ConfigError as exc:
