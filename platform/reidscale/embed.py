@@ -141,9 +141,8 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     ``images_per_s`` over the wall time, and ``per_actor``: images and images/s of model
     time for each actor of the pool.
     """
-    from tqdm import tqdm
-
     from reidscale.models.reid import load_embedding_model
+    from reidscale.progress import progress_bar
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _, model_config = load_embedding_model(model_dir)  # fail here, not inside an actor
@@ -158,7 +157,7 @@ def embed_split(model_dir: str | Path, data_dir: str | Path, split: str, out_dir
     per_actor: dict[str, list[float]] = {}
     failed = 0
     t0 = time.time()
-    with tqdm(total=total, desc=f"embed {split}", unit="img", mininterval=2.0) as bar:
+    with progress_bar(total, f"embed {split}", "img") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok = batch["decode_ok"]
             failed += int((~ok).sum())

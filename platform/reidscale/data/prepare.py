@@ -15,14 +15,10 @@ then leaves no shards behind. The counts go to the log and to the manifest (``sk
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
-
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from reidscale.config import ConfigError
 from reidscale.data.shards import SPLITS, remove_shards, write_dataset
@@ -34,6 +30,7 @@ from reidscale.data.sources.synthetic import SyntheticConfig, generate, planned_
 from reidscale.data.sources.veri776 import veri776
 from reidscale.data.stored_size import stored_at
 from reidscale.data.transforms import MAX_IMAGE_PIXELS
+from reidscale.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +108,6 @@ READERS: dict[str, Callable[[PrepareJobConfig], tuple[Path, Listing]]] = {
 }
 
 
-def _console_loggers() -> list[logging.Logger]:
-    """Loggers whose console output must go through tqdm.write: the root logger, and Ray's
-    (``ray`` and ``ray.data`` each have their own stderr handler and do not propagate) when
-    Ray has set them up."""
-    def on_console(logger: logging.Logger) -> bool:
-        return any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-                   for h in logger.handlers)
-
-    ray = [logging.getLogger(name) for name in ("ray", "ray.data")]
-    return [logging.root] + [logger for logger in ray if on_console(logger)]
-
-
 def _progress(records: Iterable[dict], total: int, desc: str, *, planned=None,
               skipped: Callable[[], int] | None = None) -> Iterator[dict]:
     """``records`` with a progress bar counting images (written or skipped) against ``total``.
@@ -135,8 +120,7 @@ def _progress(records: Iterable[dict], total: int, desc: str, *, planned=None,
     """
     skipped = skipped or (lambda: 0)
     base = skipped()
-    bar = tqdm(total=total, desc=desc, unit="img", mininterval=2.0, file=sys.stderr)
-    with logging_redirect_tqdm(_console_loggers()), bar:
+    with progress_bar(total, desc, "img") as bar:
         identity, seen, written = None, 0, 0
         for rec in records:
             if planned is not None:

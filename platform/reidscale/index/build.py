@@ -419,7 +419,7 @@ def _filled_shards(out_dir: Path, partial: dict, trained: dict, vectors, ids: np
     ``fill_shard_file``; a shard an interrupted build of the same rows finished (and that is
     intact) is kept. Each finished shard is recorded in the partial manifest at once, so a crash
     loses only the shards being filled."""
-    from tqdm import tqdm
+    from reidscale.progress import progress_bar
 
     entries: list[dict | None] = [None] * len(ranges)
     todo = []
@@ -433,7 +433,7 @@ def _filled_shards(out_dir: Path, partial: dict, trained: dict, vectors, ids: np
     calls = [(out_dir, f"shard-{s:05d}.faiss", trained, vectors, ranges[s][0], ranges[s][1],
               ids[ranges[s][0]:ranges[s][1]], shard_inputs[s]) for s in todo]
     nodes = {}
-    with tqdm(total=len(ids), desc=f"index {factory}", unit="vec", mininterval=2.0) as bar:
+    with progress_bar(len(ids), f"index {factory}", "vec") as bar:
         bar.update(sum(hi - lo for s, (lo, hi) in enumerate(ranges) if entries[s] is not None))
         for i, node, entry in _run_each(fill_shard_file, calls, shard_tasks, job_name):
             s = todo[i]
