@@ -178,7 +178,12 @@ init_ray(num_cpus=1, temp_dir=sys.argv[1], job_name="dashboard-probe")
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
 # without its dashboard a private Ray keeps dashboard.py (minimal: the job API) but none of the
 # module processes (ray-dashboard-NodeHead-0, -StateHead-0, ...)
-heads = [p for p in psutil.Process().children(recursive=True) if " ".join(p.cmdline()).startswith("ray-dashboard-")]
+def command(p):
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # a short-lived child of Ray's that exited, or is a zombie, as we looked (seen in CI)
+        return ""
+heads = [p for p in psutil.Process().children(recursive=True) if command(p).startswith("ray-dashboard-")]
 print("DASHBOARD_HEADS", len(heads), flush=True)
 """
 
