@@ -18,7 +18,7 @@ them, the steady state, each epoch's sampler built afresh as training does (ours
 across the epochs; the DataLoader: its workers forked again per epoch, torch's default).
 Why not the last epoch: ours decodes ahead of its consumer across epoch boundaries, so the last
 epoch drains blocks decoded during the earlier ones and ran at 1.5-2.5× the others' rate
-(2026-12-07: 10,067-14,281 decoded/s against 5,176-5,769); counting it put ours ~15% above its
+(2026-12-07: 10,067-14,281 decoded/s against 5,176-5,769); counting it put ours 6-10% (6-epoch runs) above its
 steady state, the rate a long training run sees. Peak memory is the largest sum of PSS (proportional set
 size: shared pages split between the processes that map them) over the run's whole process
 tree (driver, Ray's GCS/raylet/agents/workers or the DataLoader workers), sampled every 1 s
