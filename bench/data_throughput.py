@@ -30,6 +30,8 @@ images, so its batches hold more images than it decoded. The decode limit (``dec
 is in decodes too, so "of the decode limit" compares like with like. It is one core's speed
 times the cores; "of side-by-side decode" divides by what that many plain processes decoding at
 once did (``decode_side_by_side``), which is what the cores deliver together on this machine.
+The "blocks counted" row runs ours with a consumer that only counts the decoded rows: the most
+the pipeline could deliver if P×K batching and stacking cost nothing.
 
     python bench/data_throughput.py [--identities 500] [--epochs 5] [--p 16] [--k 4] [--only NAME]
                                     [--rows-per-task N] [--profile]
@@ -88,12 +90,14 @@ def build_data(work: Path, identities: int) -> tuple[Path, Path]:
 # --- ours --------------------------------------------------------------------------------
 
 def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, normalise_here: bool = False,
-             rows_per_task: int = 1) -> dict:
+             rows_per_task: int = 1, blocks_only: bool = False) -> dict:
     """One worker's epochs through the pipeline, exactly as the training loop builds it.
 
     Batches arrive uint8; training normalises them on its device (``model_input``), which on
     a GPU is the GPU's work. ``normalise_here``: do that normalisation in this process on
-    the CPU, as a CPU-only training run does."""
+    the CPU, as a CPU-only training run does. ``blocks_only``: count the decoded blocks' rows
+    and build no batches, the Ray side's own ceiling: what no work in the consumer (P×K
+    bookkeeping, stacking) could take the pipeline past."""
     import ray
 
     from reidscale.data.pipeline import PKStream, row_groups, worker_epochs
@@ -109,7 +113,10 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
     per_epoch = []
     for epoch in range(epochs):
         t0, cpu0, batches, images, seen = time.perf_counter(), time.process_time(), 0, 0, stream.rows_seen
-        for batch in stream.epoch(blocks.epoch(epoch), epoch):
+        if blocks_only:
+            for block in blocks.epoch(epoch):
+                stream.rows_seen += len(block["label"])
+        for batch in () if blocks_only else stream.epoch(blocks.epoch(epoch), epoch):
             if normalise_here:
                 model_input(batch["image"], cfg)
             batches += 1
@@ -311,7 +318,7 @@ def main() -> None:
     parser.add_argument("--p", type=int, default=16)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
-    parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours or ours_cpu_normalise")
+    parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours, ours_cpu_normalise or ours_blocks_only")
     parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last dataset (here: all the epochs)")
     parser.add_argument("--rows-per-task", type=int, default=None,
                         help="rows per decode task (default: training's data_rows_per_task)")
@@ -340,6 +347,9 @@ def main() -> None:
         "ours_cpu_normalise": ("ours, normalised in this process on the CPU (CPU-only training)",
                                lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True,
                                                         args.rows_per_task)),
+        "ours_blocks_only": ("ours, blocks counted, no P×K batches: the Ray side's ceiling",
+                             lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, False,
+                                                      args.rows_per_task, True)),
     }
     limit = decode_limit(shards, args.rows_per_task)
     side = limit["side_by_side"]["images_per_s"]
@@ -357,18 +367,23 @@ def main() -> None:
             print(f"--- {key}: Ray Data stats, last dataset ---\n{stats}")
         rates = _rates(out)
         results[key] = {**out, **rates, "driver_peak_rss_bytes": driver_peak}
-        ratio = rates["batches_per_s"] / results["dataloader"]["batches_per_s"] if "dataloader" in results else None
+        builds_batches = key != "ours_blocks_only"
+        ratio = (rates["batches_per_s"] / results["dataloader"]["batches_per_s"]
+                 if "dataloader" in results and builds_batches else None)
         if ratio is not None and key != "dataloader":
             results[key]["ratio_batches_per_s_vs_dataloader"] = ratio
-        rows.append({"pipeline": name, "P×K batches/s": f"{rates['batches_per_s']:.2f}",
+        def batch_figure(text: str) -> str:  # the blocks-only row builds no batches
+            return text if builds_batches else ""
+
+        rows.append({"pipeline": name, "P×K batches/s": batch_figure(f"{rates['batches_per_s']:.2f}"),
                      "vs DataLoader": f"{ratio:.2f}" if ratio else "",
-                     "images/s": f"{rates['images_per_s']:.0f}",
+                     "images/s": batch_figure(f"{rates['images_per_s']:.0f}"),
                      "decoded/s": f"{rates['decoded_per_s']:.0f}",
                      "decoded/s of the decode limit": f"{rates['decoded_per_s'] / limit['images_per_s']:.0%}",
                      "of side-by-side decode": f"{rates['decoded_per_s'] / side:.0%}",
-                     "1st epoch batches/s": f"{rates['first_epoch_batches_per_s']:.2f}",
-                     "last epoch batches/s": f"{rates['last_epoch_batches_per_s']:.2f}",
-                     "batches/epoch": rates["batches_per_epoch"],
+                     "1st epoch batches/s": batch_figure(f"{rates['first_epoch_batches_per_s']:.2f}"),
+                     "last epoch batches/s": batch_figure(f"{rates['last_epoch_batches_per_s']:.2f}"),
+                     "batches/epoch": batch_figure(str(rates["batches_per_epoch"])),
                      "driver CPU": f"{rates['driver_cpu_share']:.2f} cores",
                      "peak memory (PSS, all processes)": f"{out['peak_pss_bytes'] / 2**20:.0f} MiB"})
     print_table(rows)
