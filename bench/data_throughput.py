@@ -1,7 +1,7 @@
-"""P×K batches per second: our Ray Data pipeline vs a torch DataLoader over JPEG files.
+"""P×K batches per second: our Ray pipeline vs a torch DataLoader over JPEG files.
 
-Ours (what a training worker runs): ``pipeline.worker_epochs`` (here one Ray Dataset for all the
-epochs, one Ray Data task per ``--rows-per-task`` rows of consecutive Parquet row groups,
+Ours (what a training worker runs): ``pipeline.worker_epochs`` (one stream of Ray tasks for all
+the epochs, one task per ``--rows-per-task`` rows of consecutive Parquet row groups,
 training's ``data_rows_per_task`` by default: read + ``transforms.decode_batch``, split by
 epoch) → ``PKStream`` on the driver, one worker's whole stream (rank 0 of 1), local
 Ray with 2 CPUs.
@@ -12,7 +12,7 @@ JPEG files and decoded/augmented by the same ``transforms.decode_batch``.
 Both see the same images (a synthetic set, ``--identities`` train identities at 256×128,
 long-tailed counts), the same P×K and transforms, on the same machine, one after the other,
 each in its own fresh process. Per run: ``--epochs`` epochs; the first epoch includes worker
-start-up (Ray Data's first tasks, DataLoader worker forks; not ``ray.init``) and the last one
+start-up (Ray's first decode workers, DataLoader worker forks; not ``ray.init``) and the last one
 is the drain, both reported apart; the rate is batches over wall time of the epochs between
 them, the steady state, each epoch's sampler built afresh as training does (ours: one dataset
 across the epochs; the DataLoader: its workers forked again per epoch, torch's default).
@@ -34,7 +34,7 @@ The "blocks counted" row runs ours with a consumer that only counts the decoded 
 the pipeline could deliver if P×K batching and stacking cost nothing.
 
     python bench/data_throughput.py [--identities 500] [--epochs 5] [--p 16] [--k 4] [--only NAME]
-                                    [--rows-per-task N] [--profile]
+                                    [--rows-per-task N]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def build_data(work: Path, identities: int) -> tuple[Path, Path]:
 
 # --- ours --------------------------------------------------------------------------------
 
-def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, normalise_here: bool = False,
+def run_ours(shards: str, p: int, k: int, epochs: int, normalise_here: bool = False,
              rows_per_task: int = 1, blocks_only: bool = False) -> dict:
     """One worker's epochs through the pipeline, exactly as the training loop builds it.
 
@@ -125,10 +125,9 @@ def run_ours(shards: str, p: int, k: int, epochs: int, profile: bool = False, no
         # with fewer than K images repeated (no decode of their own)
         per_epoch.append({"batches": batches, "images": images, "decoded": stream.rows_seen - seen,
                           "seconds": time.perf_counter() - t0, "driver_cpu_seconds": time.process_time() - cpu0})
-    stats = blocks.dataset.stats() if profile else ""
     ray.shutdown()
     total = time.perf_counter() - t_start
-    return {"epochs": per_epoch, "total_seconds": total, "decode_errors": stream.decode_errors, "stats": stats}
+    return {"epochs": per_epoch, "total_seconds": total, "decode_errors": stream.decode_errors}
 
 
 # --- the standard way --------------------------------------------------------------------
@@ -319,7 +318,6 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
     parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours, ours_cpu_normalise or ours_blocks_only")
-    parser.add_argument("--profile", action="store_true", help="print Ray Data's stats of the last dataset (here: all the epochs)")
     parser.add_argument("--rows-per-task", type=int, default=None,
                         help="rows per decode task (default: training's data_rows_per_task)")
     args = parser.parse_args()
@@ -341,14 +339,14 @@ def main() -> None:
     pipelines = {
         "dataloader": ("torch DataLoader, 2 workers, RandomIdentitySampler, JPEG files",
                        lambda: run_process_tree(run_dataloader, str(folder), args.p, args.k, args.epochs)),
-        "ours": ("ours: Ray Data (Parquet row groups → decode tasks) → PKStream, uint8 to the device",
-                 lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, args.profile,
+        "ours": ("ours: Ray tasks (Parquet row groups → decode) → PKStream, uint8 to the device",
+                 lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs,
                                           False, args.rows_per_task)),
         "ours_cpu_normalise": ("ours, normalised in this process on the CPU (CPU-only training)",
-                               lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, True,
+                               lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, True,
                                                         args.rows_per_task)),
         "ours_blocks_only": ("ours, blocks counted, no P×K batches: the Ray side's ceiling",
-                             lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False, False,
+                             lambda: run_process_tree(run_ours, str(shards), args.p, args.k, args.epochs, False,
                                                       args.rows_per_task, True)),
     }
     limit = decode_limit(shards, args.rows_per_task)
@@ -362,9 +360,6 @@ def main() -> None:
             continue
         out, driver_peak, tree_peak = run()
         out["peak_pss_bytes"] = tree_peak
-        stats = out.pop("stats", "")
-        if stats:
-            print(f"--- {key}: Ray Data stats, last dataset ---\n{stats}")
         rates = _rates(out)
         results[key] = {**out, **rates, "driver_peak_rss_bytes": driver_peak}
         builds_batches = key != "ours_blocks_only"

@@ -1,11 +1,11 @@
-"""Per-worker Ray Data streams: disjoint, whole identities, reproducible."""
+"""Per-worker streams of decode tasks: disjoint, whole identities, reproducible."""
 
 import numpy as np
 import pytest
 import torch
 
-from reidscale.data.pipeline import (EpochBlocks, PKStream, RowGroup, decode_tasks, epoch_assignment, row_groups,
-                                     worker_epoch_dataset, worker_epochs)
+from reidscale.data.pipeline import (EpochBlocks, PKStream, RowGroup, decode_tasks, epoch_assignment,
+                                     ordered_stream, row_groups, tasks_in_flight, worker_epochs, worker_stream)
 from reidscale.data.shards import write_dataset
 from reidscale.data.sources.synthetic import SyntheticConfig, generate
 from reidscale.data.transforms import TransformConfig, decode_batch
@@ -27,10 +27,11 @@ def data(tmp_path_factory):
 
 
 def _epoch_batches(root, epoch, rank, world, seed=0, rows_per_task=1, window=None):
-    ds = worker_epoch_dataset(row_groups(root, "train"), CFG, epoch=epoch, seed=seed, rank=rank, world=world,
-                              rows_per_task=rows_per_task)
+    """One epoch's batches from a stream of that epoch alone."""
+    blocks = worker_epochs(row_groups(root, "train"), CFG, epochs=range(epoch, epoch + 1), seed=seed, rank=rank,
+                           world=world, rows_per_task=rows_per_task)
     stream = PKStream(4, 2, seed=seed * 1_000_003 + rank, window_identities=window)
-    return [b for b in stream.epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), epoch)]
+    return [b for b in stream.epoch(blocks.epoch(epoch), epoch)]
 
 
 def test_workers_get_disjoint_rows_and_never_split_an_identity(data):
@@ -82,8 +83,7 @@ def test_blocks_held_in_the_object_store_survive_the_workers_reusing_their_decod
     from reidscale.data.pipeline import _mix, read_decode_row_groups
 
     groups = row_groups(data, "train")
-    ds = worker_epoch_dataset(groups, CFG, epoch=2, seed=5, rank=0, world=1).materialize()
-    held = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    held = list(worker_stream(groups, CFG, epochs=range(2, 3), seed=5, rank=0, world=1))
     mine = epoch_assignment(groups, 2, 5, 0, 1)
     tasks = decode_tasks([(g, _mix(5, 2, index) % (2**63)) for index, g in mine], 1)
     assert len(held) == len(tasks) > 4  # more tasks than the 2 worker processes: buffers were reused
@@ -108,15 +108,13 @@ def test_a_reused_decode_buffer_is_overwritten_by_the_next_call(data):
     np.testing.assert_array_equal(second["image"], read_decode_row_groups(b, CFG, True)["image"])
 
 
-def test_datasets_over_several_epochs_give_each_epochs_own_batches(data):
-    """Training reads its epochs through worker_epochs (datasets of several epochs, split by
-    epoch): each epoch's batches must be those of that epoch's own dataset, from any first
-    epoch (a resume), across the boundary between two datasets too."""
+def test_a_stream_over_several_epochs_gives_each_epochs_own_batches(data):
+    """Training reads its epochs through worker_epochs (one stream of several epochs, split by
+    epoch): each epoch's batches must be those of a stream of that epoch alone, from any first
+    epoch (a resume), however many tasks run ahead of the consumer."""
     groups = row_groups(data, "train")
-    per_epoch = len(epoch_assignment(groups, 0, 3, 1, 2))
-    for first, tasks_per_dataset in ((0, 10_000), (2, 2 * per_epoch)):  # one dataset; datasets of 2 epochs
-        blocks = worker_epochs(groups, CFG, epochs=range(first, 5), seed=3, rank=1, world=2,
-                               tasks_per_dataset=tasks_per_dataset)
+    for first, in_flight in ((0, None), (2, 1), (1, 50)):  # the cluster's default; none ahead; more than an epoch
+        blocks = worker_epochs(groups, CFG, epochs=range(first, 5), seed=3, rank=1, world=2, in_flight=in_flight)
         stream = PKStream(4, 2, seed=3 * 1_000_003 + 1)
         for epoch in range(first, 5):
             got = list(stream.epoch(blocks.epoch(epoch), epoch))
@@ -125,9 +123,48 @@ def test_datasets_over_several_epochs_give_each_epochs_own_batches(data):
             for x, y in zip(got, alone):
                 np.testing.assert_array_equal(x["image"], y["image"])
         assert list(blocks.epoch(5)) == []
-    # a run resumed after its last epoch, or a stage of 0 epochs: nothing to read, no dataset
+    # a run resumed after its last epoch, or a stage of 0 epochs: nothing to read
     nothing = worker_epochs(groups, CFG, epochs=range(5, 5), seed=3, rank=1, world=2)
-    assert list(nothing.epoch(5)) == [] and nothing.dataset is None
+    assert list(nothing.epoch(5)) == []
+    # a worker with no row groups is refused when its stream is made, before any task runs
+    with pytest.raises(ValueError, match="worker 2 of 3 has no row groups"):
+        worker_epochs(groups[:2], CFG, epochs=range(0, 1), seed=3, rank=2, world=3)
+
+
+def test_ordered_stream_keeps_the_order_and_at_most_in_flight_submitted_ahead():
+    submitted, fetched, most_ahead = [], [], []
+
+    def submit(item):
+        submitted.append(item)
+        most_ahead.append(len(submitted) - len(fetched))
+        return ("ref", item)
+
+    def fetch(ref):
+        fetched.append(ref[1])
+        return ref[1] * 10
+
+    for in_flight in (1, 3, 100):
+        submitted.clear(), fetched.clear(), most_ahead.clear()
+        stream = ordered_stream(range(7), submit, fetch, in_flight)
+        assert submitted == []  # lazy: nothing runs before the first block is asked for
+        first = next(stream)
+        assert first == 0 and len(submitted) == min(in_flight, 7)  # the decode ahead of the consumer
+        assert [first, *stream] == [i * 10 for i in range(7)]
+        assert fetched == list(range(7)) and max(most_ahead) == min(in_flight, 7)
+    with pytest.raises(ValueError, match="in_flight"):
+        next(ordered_stream(range(3), submit, fetch, 0))
+
+
+def test_tasks_in_flight_follow_the_cpus_and_stay_within_a_quarter_of_the_object_store():
+    block = 50 * 2**20
+    # twice the tasks a worker's share of the CPUs runs at once: 2 CPUs, 1 worker → 4
+    assert tasks_in_flight(2, 8 * 2**30, 1, block) == 4
+    assert tasks_in_flight(64, 100 * 2**30, 8, block) == 16  # 8 CPUs a worker
+    assert tasks_in_flight(64, 100 * 2**30, 8, block, cpus_per_task=2.0) == 8
+    # 1 GiB of store, a quarter of it for 1 worker's 50 MiB blocks: 5, fewer than the 8 the CPUs want
+    assert tasks_in_flight(4, 2**30, 1, block) == 5
+    assert tasks_in_flight(64, 2**30, 8, block) == 2  # never fewer than one decoding and one ready
+    assert tasks_in_flight(0.5, 8 * 2**30, 4, block) == 2
 
 
 def test_epoch_blocks_skip_what_an_epoch_left_unread_and_hold_the_next_epochs_first_block():
@@ -163,8 +200,8 @@ def test_batches_carry_cameras_and_normalised_images_equal_to_the_float_path(dat
         for row_id, camera, image in zip(t.column("row_id").to_pylist(), t.column("camera").to_pylist(),
                                          t.column("image").to_pylist()):
             by_row[row_id] = (camera, image)
-    ds = worker_epoch_dataset(row_groups(data, "train"), CFG, epoch=0, seed=0, rank=0, world=1, train=False)
-    batches = list(PKStream(4, 2, seed=0).epoch(ds.iter_batches(batch_size=None, batch_format="numpy"), 0))
+    blocks = worker_epochs(row_groups(data, "train"), CFG, epochs=range(0, 1), seed=0, rank=0, world=1, train=False)
+    batches = list(PKStream(4, 2, seed=0).epoch(blocks.epoch(0), 0))
     # uint8 all the way to the training step, which normalises on its device
     assert batches and all(b["image"].dtype == np.uint8 for b in batches)
     for batch in batches[:3]:

@@ -1,22 +1,23 @@
-"""The Ray Data layer: per-worker, deterministic streams of decoded row groups → P×K batches.
+"""The Ray layer of the data: per-worker, deterministic streams of decoded row groups → P×K
+batches for training (plain Ray tasks), and a split's decoded rows for inference (Ray Data).
 
 Why not ``read_parquet`` + Ray Train's ``streaming_split``: the split hands blocks to
 whichever worker asks first, so neither the assignment nor the order of rows repeats
 between runs, and a resumed run could not replay the batches an uninterrupted run saw.
 Instead each epoch permutes the shards' row groups with ``(seed, epoch)``, worker ``r``
-takes every ``world``-th row group, and a Ray Data pipeline (one task per row group or per
-few consecutive ones, order preserved, several epochs per dataset) reads and decodes them on
-Ray's CPU workers. A row group holds whole identities (see ``shards``), so workers never split
-an identity, and no row goes to two workers in one epoch.
+takes every ``world``-th row group, and a stream of Ray tasks (one per row group or per few
+consecutive ones, fetched in order, running ahead across epoch boundaries) reads and decodes
+them on Ray's CPU workers. A row group holds whole identities (see ``shards``), so workers
+never split an identity, and no row goes to two workers in one epoch.
 
 Only this module and the Ray-facing parts of ``train``/``embed`` import Ray; what it calls
-(transforms, sampler) is plain Python tested without a cluster.
-"""
+(transforms, sampler, :func:`ordered_stream`) is plain Python tested without a cluster."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import itertools
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -63,8 +64,9 @@ WORKER_BASE_MEMORY = 256 * 2**20
 
 
 def decode_tasks(groups: list[tuple[RowGroup, int]], rows_per_task: int) -> list[dict]:
-    """Ray Data input rows, one per decode task: consecutive ``(group, seed)`` pairs packed until
-    a task holds at least ``rows_per_task`` rows (a row group is never split).
+    """The decode tasks (one Ray task each in :func:`worker_stream`, one Ray Data input row each
+    in :func:`split_dataset`): consecutive ``(group, seed)`` pairs packed until a task holds at
+    least ``rows_per_task`` rows (a row group is never split).
 
     Why pack: a task costs Ray a fixed few milliseconds (scheduling, the object-store put of its
     block, its metadata) whatever its size; with the demo's 128-row groups, 512 rows per task ran
@@ -115,8 +117,9 @@ _TASK_OUTPUT = _OutputBuffer()
 
 def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, columns: tuple = TRAIN_COLUMNS,
                            reuse_output: bool = False) -> dict:
-    """Ray Data map: each input row (from :func:`decode_tasks`) names row groups; output their
-    decoded rows, in order, each group augmented with its own seed.
+    """A decode task's work, on a one-row batch per task (a training stream's Ray task, or
+    :func:`split_dataset`'s Ray Data map): each row (from :func:`decode_tasks`) names row
+    groups; output their decoded rows, in order, each group augmented with its own seed.
 
     Images leave the task as uint8 N×3×H×W, not normalised float32: a quarter of the bytes
     through the object store, and the consumer's window pins whole blocks while their rows
@@ -144,46 +147,99 @@ def read_decode_row_groups(batch: dict, cfg: TransformConfig, train: bool, colum
         start = end
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "image"}
     result["image"] = images
-    if "epoch" in batch:  # tasks of a several-epoch dataset: which epoch each row is for
+    if "epoch" in batch:  # tasks of a several-epoch stream: which epoch each row is for
         result["epoch"] = np.full(len(images), int(batch["epoch"][0]), dtype=np.int64)
     return result
 
 
-def worker_dataset(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
-                   train: bool = True, cpus_per_task: float = 1.0, rows_per_task: int = 1):
-    """One Ray Dataset of this worker's decoded rows for ``epochs``, epoch after epoch, each in
-    a reproducible order; every row carries its ``epoch`` (split them with :class:`EpochBlocks`).
+def _task_batch(task: dict) -> dict:
+    """One decode task as the one-row batch :func:`read_decode_row_groups` takes (each field a
+    1-element object array: ``np.array([list])`` would make a 2-D array of the list's items)."""
+    batch = {}
+    for key, value in task.items():
+        batch[key] = np.empty(1, dtype=object)
+        batch[key][0] = value
+    return batch
 
-    Why one dataset for several epochs, not one per epoch: a new dataset starts its execution
-    from nothing when the epoch before it has drained, and its last tasks leave cores idle
-    while they finish; here the next epoch's first tasks decode during this epoch's tail
-    (bench/data_throughput.py: both cores idle ~0.2 s of each 1.5 s epoch with one dataset per
-    epoch). Training reads it through :func:`worker_epochs`. ``rows_per_task`` packs
-    consecutive row groups into one decode task (:func:`decode_tasks`); it changes neither the
-    rows, their order nor their augmentation, only the block boundaries, which
-    :class:`PKStream` does not depend on.
+
+def _decode_task(task: dict, cfg: TransformConfig, train: bool) -> dict:
+    """A Ray task's body: decode one task's row groups into this process's reused buffer (Ray
+    copies the returned arrays into the object store when the task returns, before the process
+    runs another task, which is what makes ``reuse_output`` safe here)."""
+    return read_decode_row_groups(_task_batch(task), cfg, train, reuse_output=True)
+
+
+def ordered_stream(items: Iterable, submit, fetch, in_flight: int) -> Iterator:
+    """``fetch(submit(item))`` for every item, in order, with at most ``in_flight`` items
+    submitted and not yet fetched: the decode of the next items runs while this one is used."""
+    if in_flight < 1:
+        raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
+    pending = deque()
+    for item in items:
+        pending.append(submit(item))
+        if len(pending) >= in_flight:
+            yield fetch(pending.popleft())
+    while pending:
+        yield fetch(pending.popleft())
+
+
+def tasks_in_flight(cluster_cpus: float, object_store_bytes: float, world: int, block_bytes: int,
+                    cpus_per_task: float = 1.0) -> int:
+    """Decode tasks a training worker keeps submitted ahead of its consumer.
+
+    Twice the decode tasks its share of the cluster's CPUs runs at once, so a finished task's
+    CPU always has a queued one to take; at least 2 (one decoding, one ready). A finished block
+    waits in the object store until it is read, so all workers' blocks in flight stay within a
+    quarter of the store (Ray spills to disk beyond it), but never fewer than 2.
     """
-    import ray.data
+    running = max(1.0, cluster_cpus / max(world, 1) / cpus_per_task)
+    by_cpu = max(2, int(2 * running))
+    by_memory = int(object_store_bytes / 4 / max(world, 1) / max(block_bytes, 1))
+    return max(2, min(by_cpu, by_memory))
 
-    items = [item for epoch in epochs for item in _epoch_tasks(groups, epoch, seed, rank, world, rows_per_task)]
-    if not items:
-        raise ValueError(f"epochs {epochs}: no epoch to read")
-    # a dataset per worker and few epochs: Ray Data's per-execution INFO lines would drown the job log
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # reproducible batches need a fixed order
-    ctx.enable_progress_bars = False
-    # Per-operator reservation keeps about one task of this single-operator pipeline in
-    # flight on a small node (measured: 0.85 mean concurrency on 2 CPUs, 1.6 without it);
-    # with one operator there is nothing downstream for the reservation to protect.
-    ctx.op_resource_reservation_enabled = False
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # reuse_output: nothing downstream in this dataset, so each block is copied into the object
-    # store as its task returns (split_dataset does not: fused into the embedding actors, a
-    # decoded block could still be read there while the next one decodes). Nothing may be
-    # chained onto this dataset for the same reason.
-    return ds.map_batches(read_decode_row_groups, fn_kwargs={"cfg": cfg, "train": train, "reuse_output": True},
-                          batch_size=1, batch_format="numpy", num_cpus=cpus_per_task)
+
+def worker_stream(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
+                  train: bool = True, cpus_per_task: float = 1.0, rows_per_task: int = 1,
+                  in_flight: int | None = None) -> Iterator[dict]:
+    """This worker's decoded blocks for ``epochs``, epoch after epoch, each epoch in a
+    reproducible order; every row carries its ``epoch`` (split them with :class:`EpochBlocks`).
+
+    One Ray task per decode task (:func:`decode_tasks`), ``in_flight`` of them submitted ahead
+    (default :func:`tasks_in_flight` of the cluster), fetched in submission order, the next
+    epoch's first tasks decoding while this epoch's last blocks are used.
+
+    Why plain Ray tasks, not a Ray Dataset: this stream has one operator and a fixed order,
+    which is all Ray Data's streaming executor would schedule, and Ray Data's machinery around
+    it cost the same pipeline 10-15% of its decoded rows/s on two cores (the consumer's
+    iterator threads; in each decode task, the block's metadata, stats and a memory-polling
+    thread) and most of its first epoch (``from_items`` puts one object per task before the
+    first block); bench/data_throughput.py and docs/benchmarks.md. ``rows_per_task`` packs
+    consecutive row groups into one task; it changes neither the rows, their order nor their
+    augmentation, only the block boundaries, which :class:`PKStream` does not depend on.
+    """
+    import ray
+
+    if not len(epochs):
+        return iter(())
+    # the first epoch's tasks now: a worker without row groups is refused here, not at its first block
+    first = _epoch_tasks(groups, epochs[0], seed, rank, world, rows_per_task)
+    later = (task for epoch in epochs[1:] for task in _epoch_tasks(groups, epoch, seed, rank, world, rows_per_task))
+    items = itertools.chain(first, later)
+    if in_flight is None:
+        resources = ray.cluster_resources()
+        largest = max((g.rows for g in groups), default=1)
+        block = max(rows_per_task, largest) * 3 * cfg.height * cfg.width
+        in_flight = tasks_in_flight(resources.get("CPU", 1.0), resources.get("object_store_memory", 2**30), world,
+                                    block, cpus_per_task)
+    decode = ray.remote(num_cpus=cpus_per_task)(_decode_task)
+    return ordered_stream(items, lambda task: decode.remote(task, cfg, train), ray.get, in_flight)
+
+
+def worker_epochs(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
+                  **kwargs) -> EpochBlocks:
+    """This worker's decoded blocks for ``epochs`` (:func:`worker_stream`), split by epoch. No
+    epochs: no blocks, and no task is submitted."""
+    return EpochBlocks(worker_stream(groups, cfg, epochs=epochs, seed=seed, rank=rank, world=world, **kwargs))
 
 
 def _epoch_tasks(groups: list, epoch: int, seed: int, rank: int, world: int, rows_per_task: int) -> list[dict]:
@@ -194,43 +250,13 @@ def _epoch_tasks(groups: list, epoch: int, seed: int, rank: int, world: int, row
     return [{**task, "epoch": epoch} for task in tasks]
 
 
-# Ray Data's from_items puts one object per decode task before the first block (1.6 ms each
-# here: 10,000 tasks took 15 s, 50,000 took 80 s), so one dataset covers as many epochs as
-# fit in this many tasks: a small split's whole run, one epoch of a million identities.
-TASKS_PER_DATASET = 2048
-
-
-def worker_epochs(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
-                  rows_per_task: int = 1, tasks_per_dataset: int = TASKS_PER_DATASET, **kwargs) -> EpochBlocks:
-    """This worker's decoded blocks for ``epochs``, split by epoch: :func:`worker_dataset` over
-    runs of consecutive epochs of at most ``tasks_per_dataset`` tasks (at least one epoch each),
-    each dataset built when the one before it has drained. No epochs: no blocks."""
-    per_epoch = len(_epoch_tasks(groups, epochs[0], seed, rank, world, rows_per_task)) if len(epochs) else 1
-    span = max(1, tasks_per_dataset // per_epoch)
-
-    def blocks() -> Iterator[dict]:
-        for start in range(epochs.start, epochs.stop, span):
-            split.dataset = worker_dataset(groups, cfg, epochs=range(start, min(start + span, epochs.stop)),
-                                           seed=seed, rank=rank, world=world, rows_per_task=rows_per_task, **kwargs)
-            yield from split.dataset.iter_batches(batch_size=None, batch_format="numpy")
-
-    split = EpochBlocks(blocks())
-    return split
-
-
-def worker_epoch_dataset(groups: list, cfg: TransformConfig, *, epoch: int, **kwargs):
-    """:func:`worker_dataset` of one epoch."""
-    return worker_dataset(groups, cfg, epochs=range(epoch, epoch + 1), **kwargs)
-
-
 class EpochBlocks:
-    """Split the block stream of a several-epoch :func:`worker_dataset` into one iterator per
+    """Split the block stream of a several-epoch :func:`worker_stream` into one iterator per
     epoch, asked for in order. Blocks of an earlier epoch its consumer left unread are skipped."""
 
     def __init__(self, blocks: Iterable[dict]):
         self._blocks = iter(blocks)
         self._held: dict | None = None  # the first block of the next epoch, read ahead
-        self.dataset = None  # the Ray Dataset being read (set by worker_epochs), for its stats()
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         while True:

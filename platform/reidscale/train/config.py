@@ -80,7 +80,7 @@ class TrainConfig:
     sampler: Literal["pk", "hard", "random"] = "pk"
     # identities held by the P×K window (0: 4 × P); bounds memory, widens the choice of negatives
     window_identities: int = 0
-    # CPUs per Ray Data read+decode task
+    # CPUs per read+decode task (a Ray task; the stream keeps twice the tasks its CPUs run ahead)
     data_cpus_per_task: float = 1.0
     # rows per decode task: consecutive row groups are packed until a task holds this many (a
     # task costs Ray a fixed few ms; with 128-row groups 512 beat 128, 256 and 1024 in
