@@ -210,10 +210,10 @@ def worker_stream(groups: list, cfg: TransformConfig, *, epochs: range, seed: in
 
     Why plain Ray tasks, not a Ray Dataset: this stream has one operator and a fixed order,
     which is all Ray Data's streaming executor would schedule, and Ray Data's machinery around
-    it cost the same pipeline 10-15% of its decoded rows/s on two cores (the consumer's
-    iterator threads; in each decode task, the block's metadata, stats and a memory-polling
-    thread) and most of its first epoch (``from_items`` puts one object per task before the
-    first block); bench/data_throughput.py and docs/benchmarks.md. ``rows_per_task`` packs
+    it cost the same tasks 5-31% of their decoded rows/s on two cores (median 11%, interleaved
+    pairs; the consumer's iterator threads, and in each task the block's metadata, stats and a
+    memory-polling thread), half the first epoch's rate (``from_items`` puts one object per task
+    before the first block) and ~550 MiB; docs/benchmarks.md, "Data throughput". ``rows_per_task`` packs
     consecutive row groups into one task; it changes neither the rows, their order nor their
     augmentation, only the block boundaries, which :class:`PKStream` does not depend on.
     """
