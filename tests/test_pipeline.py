@@ -145,12 +145,17 @@ def test_ordered_stream_keeps_the_order_and_at_most_in_flight_submitted_ahead():
 
     for in_flight in (1, 3, 100):
         submitted.clear(), fetched.clear(), most_ahead.clear()
-        stream = ordered_stream(range(7), submit, fetch, in_flight)
+        prefetched = []
+        stream = ordered_stream(range(7), submit, fetch, in_flight,
+                                prefetch=lambda pending: prefetched.append([item for _, item in pending]))
         assert submitted == []  # lazy: nothing runs before the first block is asked for
         first = next(stream)
         assert first == 0 and len(submitted) == min(in_flight, 7)  # the decode ahead of the consumer
         assert [first, *stream] == [i * 10 for i in range(7)]
         assert fetched == list(range(7)) and max(most_ahead) == min(in_flight, 7)
+        # after every submit, prefetch sees exactly what is submitted and not yet fetched
+        assert len(prefetched) == 7
+        assert prefetched == [list(range(max(0, i + 1 - in_flight), i + 1)) for i in range(7)]
     with pytest.raises(ValueError, match="in_flight"):
         next(ordered_stream(range(3), submit, fetch, 0))
 

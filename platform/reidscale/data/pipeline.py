@@ -96,7 +96,7 @@ class _OutputBuffer:
     first write; on this 2-core VM that was 110-220 µs of system time per 256×128 row, as
     much as the decode itself (a reused buffer: 6 µs). Reuse is safe only where the array
     leaves the process before the next call: a Ray task's returned block is copied into the
-    object store when the task yields it, and a worker process runs one task at a time.
+    object store when the task returns it, and a worker process runs one task at a time.
     """
 
     def __init__(self):
@@ -169,14 +169,18 @@ def _decode_task(task: dict, cfg: TransformConfig, train: bool) -> dict:
     return read_decode_row_groups(_task_batch(task), cfg, train, reuse_output=True)
 
 
-def ordered_stream(items: Iterable, submit, fetch, in_flight: int) -> Iterator:
+def ordered_stream(items: Iterable, submit, fetch, in_flight: int, prefetch=None) -> Iterator:
     """``fetch(submit(item))`` for every item, in order, with at most ``in_flight`` items
-    submitted and not yet fetched: the decode of the next items runs while this one is used."""
+    submitted and not yet fetched: while the consumer uses one result, the next
+    ``in_flight - 1`` are being made. ``prefetch(pending)``, after each submit, may start
+    moving the pending results closer (Ray: pull finished blocks from other nodes)."""
     if in_flight < 1:
         raise ValueError(f"in_flight: must be >= 1, got {in_flight}")
     pending = deque()
     for item in items:
         pending.append(submit(item))
+        if prefetch is not None:
+            prefetch(list(pending))
         if len(pending) >= in_flight:
             yield fetch(pending.popleft())
     while pending:
@@ -185,12 +189,15 @@ def ordered_stream(items: Iterable, submit, fetch, in_flight: int) -> Iterator:
 
 def tasks_in_flight(cluster_cpus: float, object_store_bytes: float, world: int, block_bytes: int,
                     cpus_per_task: float = 1.0) -> int:
-    """Decode tasks a training worker keeps submitted ahead of its consumer.
+    """Decode tasks a training worker keeps submitted and not yet read (:func:`ordered_stream`).
 
-    Twice the decode tasks its share of the cluster's CPUs runs at once, so a finished task's
-    CPU always has a queued one to take; at least 2 (one decoding, one ready). A finished block
-    waits in the object store until it is read, so all workers' blocks in flight stay within a
-    quarter of the store (Ray spills to disk beyond it), but never fewer than 2.
+    Twice the decode tasks its share of the cluster's CPUs runs at once (the share counts the
+    training workers' own CPUs: an upper bound), so while the consumer uses one block the
+    others' CPUs have a task queued behind the running one; at least 2 (one in use, one
+    decoding). A finished block waits in the object store until it is read, so all workers'
+    blocks in flight stay within a quarter of the store (Ray spills to disk beyond it; blocks
+    the P×K window still holds come on top), but never fewer than 2. 8 against 4 on two
+    cores: +3% median over 6 pairs, within their noise (docs/benchmarks.md).
     """
     running = max(1.0, cluster_cpus / max(world, 1) / cpus_per_task)
     by_cpu = max(2, int(2 * running))
@@ -228,11 +235,22 @@ def worker_stream(groups: list, cfg: TransformConfig, *, epochs: range, seed: in
     if in_flight is None:
         resources = ray.cluster_resources()
         largest = max((g.rows for g in groups), default=1)
-        block = max(rows_per_task, largest) * 3 * cfg.height * cfg.width
+        # a task packs groups until it holds rows_per_task rows: at most this many more
+        block = (rows_per_task + largest - 1) * 3 * cfg.height * cfg.width
         in_flight = tasks_in_flight(resources.get("CPU", 1.0), resources.get("object_store_memory", 2**30), world,
                                     block, cpus_per_task)
-    decode = ray.remote(num_cpus=cpus_per_task)(_decode_task)
-    return ordered_stream(items, lambda task: decode.remote(task, cfg, train), ray.get, in_flight)
+    # retried as Ray Data retried its tasks: a decode process lost to the OOM killer or a node
+    # going away is rerun, not a failed training attempt (a decode that raises is not retried)
+    # (and scheduled by Ray's default policy, never inside a placement group of the caller's)
+    decode = ray.remote(num_cpus=cpus_per_task, max_retries=-1, retry_exceptions=[ray.exceptions.RaySystemError],
+                        scheduling_strategy="DEFAULT")(_decode_task)
+
+    def pull_finished(pending: list) -> None:
+        # start moving blocks decoded on other nodes here while earlier ones are used, as Ray
+        # Data's iterator did; ray.get alone would pull each one only when it is asked for
+        ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=True)
+
+    return ordered_stream(items, lambda task: decode.remote(task, cfg, train), ray.get, in_flight, pull_finished)
 
 
 def worker_epochs(groups: list, cfg: TransformConfig, *, epochs: range, seed: int, rank: int, world: int,
