@@ -200,7 +200,7 @@ def tasks_in_flight(cluster_cpus: float, object_store_bytes: float, world: int, 
     cores: +3% median over 6 pairs, within their noise (docs/benchmarks.md).
     """
     running = max(1.0, cluster_cpus / max(world, 1) / cpus_per_task)
-    by_cpu = max(2, int(2 * running))
+    by_cpu = int(2 * running)  # >= 2: running >= 1
     by_memory = int(object_store_bytes / 4 / max(world, 1) / max(block_bytes, 1))
     return max(2, min(by_cpu, by_memory))
 
