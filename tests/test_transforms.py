@@ -212,6 +212,16 @@ def test_fused_augmentation_equals_flip_shift_then_erase_on_uint8(without_simple
         np.testing.assert_array_equal(got, expected)
 
 
+def test_float_output_into_an_uncleared_array_equals_a_fresh_one():
+    """The normalised path writes every element too: padding at level 0's value, a bad row zero."""
+    cfg = TransformConfig(height=32, width=16, pad=4, flip_prob=0.5, random_erasing_prob=0.5)
+    batch = {"image": np.array([_jpeg(seed=s) for s in range(6)] + [b"broken"], dtype=object)}
+    out = np.full((7, 3, 32, 16), np.nan, np.float32)
+    decode_batch(batch, cfg, train=True, seed=9, out=out)
+    np.testing.assert_array_equal(out, decode_batch(batch, cfg, train=True, seed=9)["image"])
+    assert not out[6].any()
+
+
 @pytest.mark.parametrize("stored, target, scale", [((64, 32), (256, 128), 1), ((256, 128), (256, 128), 1),
                                                   ((512, 256), (256, 128), 2), ((300, 600), (256, 128), 1),
                                                   ((2048, 1024), (256, 128), 8), ((4096, 2048), (256, 128), 8)])
@@ -227,17 +237,21 @@ def test_draft_scale_follows_pillows_rule_and_takes_upscales_too(stored, target,
 
 def test_decoding_into_slices_of_one_array_equals_decoding_apart():
     """What a decode task holding several row groups does: each group into its slice of one
-    zeroed array, with its own seed; the same bytes as separate outputs, and a bad ``out`` refused."""
+    array left as the last task wrote it (not cleared), with its own seed; the same bytes as
+    separate outputs, padding and an undecodable row zero, and a bad ``out`` refused."""
     cfg = TransformConfig(height=32, width=16, pad=3, flip_prob=0.5, random_erasing_prob=0.7)
     first = {"image": np.array([_jpeg(seed=s) for s in range(3)] + [b"broken"], dtype=object)}
     second = {"image": np.array([_jpeg(seed=s) for s in range(3, 8)], dtype=object)}
-    whole = np.zeros((9, 3, 32, 16), np.uint8)
+    whole = np.full((9, 3, 32, 16), 201, np.uint8)  # no JPEG here holds level 201 in a corner
     a = decode_batch(first, cfg, train=True, seed=1, normalise=False, out=whole[:4])
     b = decode_batch(second, cfg, train=True, seed=2, normalise=False, out=whole[4:])
     np.testing.assert_array_equal(whole[:4], decode_batch(first, cfg, train=True, seed=1, normalise=False)["image"])
     np.testing.assert_array_equal(whole[4:], decode_batch(second, cfg, train=True, seed=2, normalise=False)["image"])
     assert a["image"].base is whole and b["image"].base is whole  # no copy
     assert a["decode_ok"].tolist() == [True, True, True, False] and not whole[3].any()
+    # every shifted row's uncovered strips were written: the reference has them at level 0
+    shifted = [i for i in range(9) if (whole[i] == 0).all(axis=(0, 2)).any() or (whole[i] == 0).all(axis=(0, 1)).any()]
+    assert len(shifted) >= 5
     with pytest.raises(ValueError, match="out is uint8"):
         decode_batch(second, cfg, train=False, normalise=False, out=whole[:4])
     with pytest.raises(ValueError, match="needs float32"):
