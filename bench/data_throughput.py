@@ -34,7 +34,7 @@ The "blocks counted" row runs ours with a consumer that only counts the decoded 
 the pipeline could deliver if P×K batching and stacking cost nothing.
 
     python bench/data_throughput.py [--identities 500] [--epochs 5] [--p 16] [--k 4] [--only NAME]
-                                    [--rows-per-task N]
+                                    [--rows-per-task N] [--source-size 512x256]
 """
 
 from __future__ import annotations
@@ -60,17 +60,20 @@ ROWS_PER_GROUP = 128  # the demo's row groups (~10 identities each)
 
 # --- the data set, written once in both forms -------------------------------------------
 
-def build_data(work: Path, identities: int) -> tuple[Path, Path]:
-    """(shard dir, JPEG folder) for ``identities`` train identities; reused when present."""
+def build_data(work: Path, identities: int, source: tuple[int, int] = (HEIGHT, WIDTH)) -> tuple[Path, Path]:
+    """(shard dir, JPEG folder) for ``identities`` train identities stored at ``source`` (height,
+    width); reused when present. Crops stored larger than the training size are resized in the
+    decode, as a detector's crops are."""
     from reidscale.data.shards import read_manifest, write_dataset
     from reidscale.data.sources.synthetic import SyntheticConfig, generate
 
-    shards, folder = work / f"shards_{identities}", work / f"jpeg_{identities}"
+    tag = str(identities) if source == (HEIGHT, WIDTH) else f"{identities}_{source[0]}x{source[1]}"
+    shards, folder = work / f"shards_{tag}", work / f"jpeg_{tag}"
     if (shards / "manifest.json").is_file() and (folder / "_done").is_file():
         return shards, folder
     # train_fraction just under 1: the generator keeps a few test identities, unused here
     cfg = SyntheticConfig(num_identities=identities + 5, train_fraction=identities / (identities + 5),
-                          height=HEIGHT, width=WIDTH, seed=0)
+                          height=source[0], width=source[1], seed=0)
     folder.mkdir(parents=True, exist_ok=True)
 
     def train_records():
@@ -318,6 +321,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--work-dir", default="/tmp/reidscale_bench_data")
     parser.add_argument("--only", default=None, help="run one pipeline: dataloader, ours, ours_cpu_normalise or ours_blocks_only")
+    parser.add_argument("--source-size", default=f"{HEIGHT}x{WIDTH}",
+                        help="HxW the crops are stored at; larger than the training size is resized in the decode")
     parser.add_argument("--rows-per-task", type=int, default=None,
                         help="rows per decode task (default: training's data_rows_per_task)")
     args = parser.parse_args()
@@ -328,12 +333,19 @@ def main() -> None:
 
         args.rows_per_task = TrainConfig().data_rows_per_task
 
+    try:
+        source = tuple(int(v) for v in args.source_size.lower().split("x"))
+        if len(source) != 2 or min(source) < 32:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--source-size {args.source_size!r}: HxW, both at least 32, e.g. 512x256")
     t0 = time.perf_counter()
-    shards, folder = build_data(Path(args.work_dir), args.identities)
+    shards, folder = build_data(Path(args.work_dir), args.identities, source)
     from reidscale.data.shards import read_manifest
 
     train = read_manifest(shards)["splits"]["train"]
-    print(f"data: {train['images']} train images of {train['identities']} identities at {HEIGHT}x{WIDTH} "
+    print(f"data: {train['images']} train images of {train['identities']} identities stored at "
+          f"{source[0]}x{source[1]}, trained at {HEIGHT}x{WIDTH} "
           f"({time.perf_counter() - t0:.0f} s to build or find)", flush=True)
 
     pipelines = {
@@ -383,8 +395,10 @@ def main() -> None:
                      "peak memory (PSS, all processes)": f"{out['peak_pss_bytes'] / 2**20:.0f} MiB"})
     print_table(rows)
     if args.only is None:
-        write_results("data_throughput", {
+        name = "data_throughput" if source == (HEIGHT, WIDTH) else f"data_throughput_{source[0]}x{source[1]}"
+        write_results(name, {
             "identities": args.identities, "train_images": train["images"], "height": HEIGHT, "width": WIDTH,
+            "source_height": source[0], "source_width": source[1],
             "p": args.p, "k": args.k, "epochs": args.epochs, "rows_per_group": ROWS_PER_GROUP,
             "rows_per_task": args.rows_per_task,
             "decode_limit": limit, "results": results})
