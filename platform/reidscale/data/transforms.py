@@ -264,6 +264,8 @@ def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | Non
     ok = np.zeros(len(raw), dtype=bool)
     table = _normalise_table(cfg)
     fill = 0.0 if normalise else np.round(np.asarray(cfg.mean) * 255).astype(np.uint8)[:, None, None]
+    # pixel level 0 in the output, per channel: what a shift uncovers (_flip_shift's zero padding)
+    level0 = table[:, :1, None] if normalise else 0
     for i, data in enumerate(raw):
         pixels = decode(bytes(data), h, w, scaled=cfg.scaled_decode)
         if pixels is None:
@@ -278,22 +280,19 @@ def decode_batch(batch: dict, cfg: TransformConfig, train: bool, seed: int | Non
                 dy, dx = (int(v) - cfg.pad for v in rng.integers(0, 2 * cfg.pad + 1, size=2))
             if rng.random() < cfg.random_erasing_prob:
                 box = _erase_box(h, w, rng)
-        # flip, shift and HWC → CHW in one strided copy straight into the output; what the
-        # shift uncovers is pixel level 0, as _flip_shift's zero padding
+        # flip, shift and HWC → CHW in one strided copy straight into the output
         src = pixels[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
         dst = out[i, :, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
         if normalise:
             for c in range(3):
-                if dy or dx:
-                    out[i, c] = table[c, 0]
                 np.take(table[c], src[:, :, c], out=dst[c], mode="clip")  # levels are 0..255: never clipped
         else:
             dst[...] = src.transpose(2, 0, 1)
-            if dy or dx:  # what the shift uncovers: the strips of rows and columns dst left out
-                out[i, :, : max(0, -dy)] = 0
-                out[i, :, h - max(0, dy) :] = 0
-                out[i, :, :, : max(0, -dx)] = 0
-                out[i, :, :, w - max(0, dx) :] = 0
+        if dy or dx:  # what the shift uncovers: the strips of rows and columns dst left out
+            out[i, :, : max(0, -dy)] = level0
+            out[i, :, h - max(0, dy) :] = level0
+            out[i, :, :, : max(0, -dx)] = level0
+            out[i, :, :, w - max(0, dx) :] = level0
         if box is not None:
             y, x, eh, ew = box
             out[i, :, y : y + eh, x : x + ew] = fill
