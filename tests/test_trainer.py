@@ -1,4 +1,5 @@
-"""The trainer training fits: Ray Train's TorchTrainer minus the detached placement-group cleaner.
+"""The trainer training fits: Ray Train's TorchTrainer minus the detached placement-group cleaner,
+and minus the datasets callback (and its idle DatasetManager actor) when it has no datasets.
 
 The cleaner removed a live run's placement group when a State API reply came back empty under
 load (CI: "Destroying worker since its placement group was removed"); see reidscale.train.trainer.
@@ -9,23 +10,34 @@ from __future__ import annotations
 
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from reidscale.train.trainer import JobScopedTorchTrainer
 
 
-def _callback_types(cls) -> list[str]:
+def _callback_types(cls, datasets=None) -> list[str]:
     trainer = cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=2),
-                  torch_config=TorchConfig(backend="gloo"))
+                  torch_config=TorchConfig(backend="gloo"), datasets=datasets)
     return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
 
 
-def test_job_scoped_trainer_keeps_every_stock_callback_but_the_placement_group_cleaner():
+def test_job_scoped_trainer_keeps_every_stock_callback_but_the_cleaner_and_the_unused_datasets_one():
     stock, ours = _callback_types(TorchTrainer), _callback_types(JobScopedTorchTrainer)
-    # the stock trainer still makes one: if Ray drops it, this module and its reason can go too
-    assert PlacementGroupCleanerCallback.__name__ in stock
-    assert ours == [name for name in stock if name != PlacementGroupCleanerCallback.__name__]
+    # the stock trainer still makes both: if Ray drops one, its part of the module can go too
+    left_out = {PlacementGroupCleanerCallback.__name__, DatasetsCallback.__name__}
+    assert left_out <= set(stock)
+    assert ours == [name for name in stock if name not in left_out]
     assert "BackendSetupCallback" in ours  # gloo/NCCL process groups are still set up by Ray
+
+
+def test_job_scoped_trainer_keeps_the_datasets_callback_when_given_datasets():
+    # a callable stands in for a Ray Dataset: Ray Train calls it only when the workers start
+    datasets = {"train": lambda: None}
+    stock = _callback_types(TorchTrainer, datasets)
+    ours = _callback_types(JobScopedTorchTrainer, datasets)
+    assert DatasetsCallback.__name__ in ours
+    assert ours == [name for name in stock if name != PlacementGroupCleanerCallback.__name__]
 
 
 def test_training_fits_the_job_scoped_trainer(tmp_path):
@@ -39,4 +51,5 @@ def test_training_fits_the_job_scoped_trainer(tmp_path):
                       run_id="r", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     trainer = build_trainer(plan, use_gpu=False)
     assert isinstance(trainer, JobScopedTorchTrainer)
-    assert not any(isinstance(cb, PlacementGroupCleanerCallback) for cb in trainer._create_default_callbacks())
+    callbacks = trainer._create_default_callbacks()
+    assert not any(isinstance(cb, (PlacementGroupCleanerCallback, DatasetsCallback)) for cb in callbacks)

@@ -27,6 +27,12 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
+# Ray Train's internals: a release that moves them leaves the stock behaviour, which
+# tests/test_trainer.py then reports
+try:
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+except ImportError:
+    DatasetsCallback = None
 try:
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 except ImportError:  # a Ray Train from before the cleaner: nothing to leave out
@@ -34,15 +40,18 @@ except ImportError:  # a Ray Train from before the cleaner: nothing to leave out
 
 
 class JobScopedTorchTrainer(TorchTrainer):
-    """``ray.train.torch.TorchTrainer`` without the detached placement-group cleaner (module docstring).
+    """``ray.train.torch.TorchTrainer`` without the detached placement-group cleaner, nor the
+    datasets callback when there are no datasets (module docstring).
 
     Ray Train builds its callbacks in the driver at ``fit()``; if a release stops doing it in
     this method, the override does nothing, and tests/test_trainer.py (which checks that the stock
-    trainer still makes a cleaner and ours does not) fails.
+    trainer still makes both and ours does not) fails.
     """
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        if PlacementGroupCleanerCallback is None:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+        left_out = [PlacementGroupCleanerCallback]
+        if not self.datasets:
+            left_out.append(DatasetsCallback)
+        left_out = tuple(cls for cls in left_out if cls is not None)
+        return [cb for cb in callbacks if not isinstance(cb, left_out)]
