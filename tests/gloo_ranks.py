@@ -21,8 +21,12 @@ from safetensors.torch import load_file, save_file
 def _entry(rank: int, worker, world: int, port: int, tmp: str, rendezvous: str) -> None:
     import torch
 
+    # the variables Ray Train's workers get (and torchrun's), no more: DeepSpeed's CPU backend
+    # reads LOCAL_SIZE (an MPI launcher's) and, when it equals the world, opens a 66 MB shared
+    # memory segment per rank that nothing ever unlinks; training never sets it, and the tests
+    # that did left 264 MB of RAM in /dev/shm per suite run
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # a file rendezvous, not tcp://: a port picked free here can be taken by another process
     # (a Ray test's) before rank 0's store binds it, and the rank then aborts (seen in CI)
@@ -42,10 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_memory_left(port: int) -> list[str]:
+    """Shared memory segments left in /dev/shm by the ranks that used ``port`` (DeepSpeed names its
+    CPU all-reduce buffers ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+    shm = Path("/dev/shm")
+    return sorted(p.name for p in shm.glob(f"*_{port}_*")) if shm.is_dir() else []
+
+
 def run_ranks(worker, world: int, tmp: Path, timeout_s: float) -> list[dict]:
-    """Each rank's returned tensors, in rank order; the test fails if the ranks do not finish in time."""
+    """Each rank's returned tensors, in rank order; the test fails if the ranks do not finish in
+    time, or leave shared memory behind."""
     rendezvous = Path(tmp) / f"rendezvous-{uuid.uuid4().hex}"  # must not exist before the ranks start
-    ctx = tmp_mp.start_processes(_entry, args=(worker, world, _free_port(), str(tmp), str(rendezvous)), nprocs=world,
+    port = _free_port()
+    ctx = tmp_mp.start_processes(_entry, args=(worker, world, port, str(tmp), str(rendezvous)), nprocs=world,
                                  join=False, start_method="spawn")
     deadline = time.time() + timeout_s
     while not ctx.join(timeout=5):
@@ -53,4 +66,6 @@ def run_ranks(worker, world: int, tmp: Path, timeout_s: float) -> list[dict]:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {world} gloo ranks did not finish in {timeout_s} s")
+    left = shared_memory_left(port)
+    assert not left, f"the ranks left shared memory in /dev/shm: {left}"
     return [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(world)]
