@@ -70,10 +70,10 @@ def test_dashboard_listens_on_loopback_only(head):
     assert listeners and all(addr.startswith("127.0.0.1:") for addr in listeners), listeners
 
 
-def test_submission_without_the_token_is_refused(head):
+def test_submission_without_the_token_is_refused(head, tmp_path):
     env, _ = head
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    no_token["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token to fall back on
+    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on (and removed by pytest)
     proc = _submit(no_token, "python", "-c", "print('should not run')", timeout=120)
     assert proc.returncode != 0
     assert "Authentication" in proc.stdout + proc.stderr
