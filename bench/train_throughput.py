@@ -20,8 +20,10 @@ worker threads), and ours (DeepSpeed on top).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -247,6 +249,7 @@ def main() -> None:
         parser.error(f"--background-cores {args.background_cores}: a share of one core, between 0 and 1")
     cfg = load_config(TrainJobConfig, CONFIG)
     storage = tempfile.mkdtemp(prefix="bench-train-")
+    atexit.register(shutil.rmtree, storage, True)  # Ray Train's run folders: nothing to keep
 
     # The machine's speed drifts between runs (the plain loop alone moved 583 -> 680 images/s
     # between two runs): each ratio is taken within one pair, run back to back, and the pair's
