@@ -92,7 +92,7 @@ def _stage1(stage1, lo, hi, feats, labels, mine, out, tag):
 
 
 def _worker(rank: int, world: int, tmp: str) -> dict:
-    import deepspeed
+    from reidscale.train.engine import initialize_deepspeed
 
     out = {}
     mine = slice(rank * B, (rank + 1) * B)
@@ -112,8 +112,8 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     # B: stage 2's i2t through a DeepSpeed backbone, the frozen text features sharded
     torch.manual_seed(0)
     backbone = nn.Linear(D_IN, D)
-    engine, *_ = deepspeed.initialize(
-        model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1), dist_init_required=False,
+    engine, *_ = initialize_deepspeed(
+        model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1),
         config={"train_micro_batch_size_per_gpu": B, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
     x, y = stage2_batch()
     feat = engine(x[mine])

@@ -56,7 +56,7 @@ def optimizer_steps(head, opt, steps, first=0, rows=slice(None)):
 # ---------------------------------------------------------------- the 2-rank side
 
 def _worker(rank: int, world: int, tmp: str) -> dict:
-    import deepspeed
+    from reidscale.train.engine import initialize_deepspeed
 
     out = {}
     mine = slice(rank * B, (rank + 1) * B)
@@ -64,8 +64,8 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     # A: DeepSpeed backbone + sharded head at sample_rate=1 (margin, label smoothing)
     torch.manual_seed(0)
     backbone = nn.Linear(D_IN, D)
-    engine, *_ = deepspeed.initialize(
-        model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1), dist_init_required=False,
+    engine, *_ = initialize_deepspeed(
+        model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=0.1),
         config={"train_micro_batch_size_per_gpu": B, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
     x, y = global_batch(0)
     head = ShardedPartialFC(D, C, sample_rate=1.0, scale=SCALE, margin=MARGIN, label_smoothing=EPS, seed=SEED)

@@ -76,3 +76,19 @@ def test_partial_fc_and_camera_sie_train_validate_and_export(tmp_path, data_dir)
     assert trained[key].shape == (6, 32)
     assert (trained[key] - untrained[key]).abs().max() > 1e-6  # the camera table trained
     assert not any(k.startswith("classifier") for k in trained)  # the head is never exported
+
+
+def test_workers_leaving_no_cpu_for_decode_tasks_are_refused_before_a_run_is_recorded(tmp_path, data_dir):
+    """A private Ray whose CPUs the workers take (here: decode tasks asking for more CPUs than any
+    machine's Ray has) is refused in one line, before the MLflow run: the workers would otherwise
+    wait for batches from tasks Ray can never schedule."""
+    proc = subprocess.run(
+        [sys.executable, "jobs/train_clipreid.py", f"run_dir={tmp_path}", f"data_dir={data_dir}", *TOY,
+         "train.data_cpus_per_task=100000"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "train.data_cpus_per_task=100000" in line]
+    assert len(errors) == 1 and "train.cpus_per_worker=0.5" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "train_summary.json").exists()

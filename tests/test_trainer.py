@@ -8,6 +8,9 @@ No Ray is started here: Ray Train builds its callbacks in the driver, before any
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -53,3 +56,32 @@ def test_training_fits_the_job_scoped_trainer(tmp_path):
     assert isinstance(trainer, JobScopedTorchTrainer)
     callbacks = trainer._create_default_callbacks()
     assert not any(isinstance(cb, (PlacementGroupCleanerCallback, DatasetsCallback)) for cb in callbacks)
+
+
+def _cpus_cfg(workers: int, per_worker: float, per_task: float):
+    from reidscale.train.config import TrainJobConfig
+
+    cfg = TrainJobConfig()
+    cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.data_cpus_per_task = workers, per_worker, per_task
+    return cfg
+
+
+def test_workers_leaving_room_for_one_decode_task_pass():
+    from reidscale.train.job import check_decode_cpus
+
+    check_decode_cpus(_cpus_cfg(2, 0.5, 1.0), cluster_cpus=2.0, private=True)  # 1 CPU left: one task
+    check_decode_cpus(_cpus_cfg(3, 0.2, 0.4), cluster_cpus=1.0, private=True)  # 0.4 left (1 - 3 x 0.2 < 0.4 in floats)
+
+
+def test_workers_taking_the_cpus_are_refused_on_a_private_ray_and_warned_about_on_a_cluster(caplog):
+    from reidscale.config import ConfigError
+    from reidscale.train.job import check_decode_cpus
+
+    cfg = _cpus_cfg(2, 1.0, 1.0)
+    with pytest.raises(ConfigError, match=r"train.num_workers=2 x train.cpus_per_worker=1 take 2 of the Ray "
+                                          r"cluster's 2 CPUs, leaving 0 .*train.data_cpus_per_task=1"):
+        check_decode_cpus(cfg, cluster_cpus=2.0, private=True)
+    # a cluster's autoscaler may add CPUs once the tasks wait: said, not refused
+    with caplog.at_level(logging.WARNING, logger="reidscale.train.job"):
+        check_decode_cpus(cfg, cluster_cpus=2.0, private=False)
+    assert any("autoscaler" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

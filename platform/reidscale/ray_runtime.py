@@ -225,6 +225,18 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
     log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
 
 
+def joined_cluster() -> bool:
+    """Whether ``init_ray`` joins (or joined) a cluster named by ``RAY_ADDRESS``, rather than starting a private Ray."""
+    return bool(os.environ.get("RAY_ADDRESS", "").strip())
+
+
+def ray_cluster_cpus() -> float:
+    """The CPUs of the Ray this process started or joined, as Ray counts them now (0 before Ray starts)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() else 0.0
+
+
 def cluster_has_gpus() -> bool:
     """Whether the Ray this process joined has GPUs; False without one (serve builds apps before Ray starts)."""
     import ray

@@ -41,7 +41,7 @@ from reidscale.models.sharded_fc import shard_range
 from reidscale.models.sharded_prompts import (ShardedPromptLearner, has_text_feature_rows, load_text_feature_rows,
                                               prompt_optimizer, range_text_features, save_text_feature_rows)
 from reidscale.train.checkpoint import verified_file
-from reidscale.train.engine import barrier, broadcast_flag, deepspeed_config, lockstep
+from reidscale.train.engine import barrier, broadcast_flag, deepspeed_config, initialize_deepspeed, lockstep
 from reidscale.train.schedule import lr_factor
 
 log = logging.getLogger("reidscale.train")  # one logger name for the job log's training lines
@@ -198,16 +198,13 @@ def _frozen(visual):
 
 def _stage1_engine(stage1, ctx):
     """A DeepSpeed engine over the prompt tokens only: Adam, warm-up then cosine over stage 1's steps."""
-    import deepspeed
-
     cfg, c = ctx.cfg, ctx.cfg.clipreid
     optimizer = prompt_optimizer(stage1.prompts, c.stage1_lr, c.stage1_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _stage1_factor(ctx))
     # stage 1's batches are P identities × 1 image; ZeRO-3 would shard a tensor this small for nothing
     ds_cfg = deepspeed_config(replace(cfg, train=replace(cfg.train, p=c.stage1_batch, k=1,
                                                          zero_stage=min(cfg.train.zero_stage, 2))), ctx.precision)
-    engine, _, _, _ = deepspeed.initialize(model=stage1, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_cfg, dist_init_required=False)
+    engine, _, _, _ = initialize_deepspeed(model=stage1, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine
 
 

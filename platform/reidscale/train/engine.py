@@ -90,13 +90,40 @@ def stage2_schedule(cfg: TrainJobConfig, steps_per_epoch: Callable[[], int]) -> 
     return factor
 
 
-def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], float], ds_config: dict, device):
-    """A DeepSpeed engine around ``model`` with a LambdaLR schedule; checkpoints load without unpickling."""
+def initialize_deepspeed(**kwargs):
+    """``deepspeed.initialize`` on the process group Ray Train made, without DeepSpeed's shared
+    memory all-reduce op; returns what it returns.
+
+    The first initialisation in a process builds DeepSpeed's communication backend, which on a
+    CPU loads that op (``deepspeed.comm.torch.build_shm_op``): a C++ extension compiled on first
+    use, 25.7 s here, while the other workers wait on its lock, and a failed run ("Error building
+    extension 'deepspeed_shm_comm'") on a machine without a C++ compiler. Only DeepSpeed's
+    tensor-parallel inference all-reduce uses the op, and only when ``LOCAL_SIZE`` equals the
+    world size; training never calls it, and without it that all-reduce is torch.distributed's.
+    A DeepSpeed without the function is left as it is.
+    """
+    import importlib
+
     import deepspeed
 
+    # not ``import deepspeed.comm.torch as ...``: that binds deepspeed.comm's attribute ``torch``,
+    # the torch package itself
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    build = getattr(ds_comm_torch, "build_shm_op", None)
+    if build is not None:
+        ds_comm_torch.build_shm_op = lambda: None
+    try:
+        return deepspeed.initialize(dist_init_required=False, **kwargs)
+    finally:
+        if build is not None:
+            ds_comm_torch.build_shm_op = build
+
+
+def build_engine(model: torch.nn.Module, optimizer, factor: Callable[[int], float], ds_config: dict, device):
+    """A DeepSpeed engine around ``model`` with a LambdaLR schedule; checkpoints load without unpickling."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, _, _, _ = initialize_deepspeed(model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
     if engine.dp_world_size == 1 and not engine.zero_optimization():
         # averaging gradients over one rank changes nothing, yet costs a flatten, an all-reduce
         # and a copy back per step (2.7% of a step for the demo model)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from reidscale import atomic, tracking
-from reidscale.config import dump_yaml
+from reidscale.config import ConfigError, dump_yaml
 from reidscale.data import preflight, shards
 from reidscale.data.pipeline import RowGroup, row_groups
 from reidscale.models import exported
-from reidscale.ray_runtime import init_ray, resolve_use_gpu, train_logging_config
+from reidscale.ray_runtime import init_ray, joined_cluster, ray_cluster_cpus, resolve_use_gpu, train_logging_config
 from reidscale.train.config import TrainJobConfig
 from reidscale.train.recovery import ResumePoint, describe, find_resume_point
 from reidscale.train.state import WorkerPlan
@@ -88,6 +88,28 @@ def check_inputs(cfg: TrainJobConfig) -> TrainInputs:
     return TrainInputs(manifest, num_classes, groups, steps, point)
 
 
+def check_decode_cpus(cfg: TrainJobConfig, cluster_cpus: float, private: bool) -> None:
+    """Refuse (a private Ray) or warn about (a cluster, which an autoscaler may grow) training
+    workers that take so many of the cluster's CPUs that no decode task fits beside them.
+
+    Why: the workers hold their CPUs for the whole run and wait for batches from decode tasks
+    (``data.pipeline.worker_stream``), each asking for ``train.data_cpus_per_task`` CPUs; with
+    none left, no task is ever scheduled and the run waits forever without a word (2 workers ×
+    1 CPU on a 2-CPU machine did). The configs' ``cpus_per_worker`` is the knob."""
+    t = cfg.train
+    taken = t.num_workers * t.cpus_per_worker
+    left = cluster_cpus - taken
+    if left >= t.data_cpus_per_task - 1e-9:
+        return
+    message = (f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g} take {taken:g} of "
+               f"the Ray cluster's {cluster_cpus:g} CPUs, leaving {max(left, 0.0):g} for decode tasks of "
+               f"train.data_cpus_per_task={t.data_cpus_per_task:g}: the workers would wait for batches forever; "
+               f"lower train.cpus_per_worker or train.data_cpus_per_task")
+    if private:
+        raise ConfigError(message)
+    log.warning(message + " (or let the cluster's autoscaler add CPUs: the run waits until it does)")
+
+
 def open_mlflow_run(cfg: TrainJobConfig, inputs: TrainInputs) -> tuple[object, str, str]:
     """(client, run id, tracking uri): the run a resumed training keeps logging into, else a new one."""
     run_dir = Path(cfg.run_dir)
@@ -121,13 +143,16 @@ def run_training(cfg: TrainJobConfig) -> dict:
     note = describe(inputs.resume)
     if note:
         log.info(note)
+    # Ray before the MLflow run: a cluster too small for the workers and their decode tasks is
+    # refused before a run is recorded
+    init_ray(job_name=f"train-{cfg.run_name}")
+    check_decode_cpus(cfg, ray_cluster_cpus(), private=not joined_cluster())
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "train_config.yaml")
     c, run_id, uri = open_mlflow_run(cfg, inputs)
     log.info(f"MLflow run: {tracking.run_url(uri, run_id)}")
     log.info(f"  view it with: {tracking.ui_command(uri)}")
     try:
-        init_ray(job_name=f"train-{cfg.run_name}")
         use_gpu = resolve_use_gpu(cfg.train.use_gpu)
         plan = WorkerPlan(
             cfg=cfg, num_classes=inputs.num_classes, steps_per_epoch=inputs.steps_per_epoch,
