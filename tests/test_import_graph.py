@@ -20,9 +20,10 @@ LAZY_IMPORTS = {
         "torch": "checkpoint.py is also read by the driver (recovery.find_resume_point), which needs no torch",
         "deepspeed": "DeepSpeed is slow to import and probes accelerators: only a worker building an engine pays",
     },
-    ("engine.py", "build_engine"): {"deepspeed": "slow import, workers only (the driver and tests use the helpers)"},
+    ("engine.py", "initialize_deepspeed"): {
+        "deepspeed": "slow import, workers only (every engine, stage 1's too; the driver and tests use the helpers)",
+    },
     ("engine.py", "export_from_engine"): {"deepspeed": "only ZeRO-3 needs it, to gather the partitioned weights"},
-    ("clipreid.py", "_stage1_engine"): {"deepspeed": "slow import, workers only (stage 1's engine)"},
     ("loop.py", "_epoch_centres"): {"deepspeed": "only ZeRO-3 needs it, to gather the classifier's rows"},
     ("job.py", "build_trainer"): {
         "ray.train": "the driver's checks and --help run without loading Ray Train; only fitting needs it",

@@ -7,6 +7,7 @@ their engines from these pieces.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -102,8 +103,6 @@ def initialize_deepspeed(**kwargs):
     world size; training never calls it, and without it that all-reduce is torch.distributed's.
     A DeepSpeed without the function is left as it is.
     """
-    import importlib
-
     import deepspeed
 
     # not ``import deepspeed.comm.torch as ...``: that binds deepspeed.comm's attribute ``torch``,
