@@ -207,7 +207,7 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
     # the driver's "ray" logger (banner, Ray Core INFO); log_to_driver stays on: our own
     # progress lines come from the training workers
     level = logging.INFO if ray_verbose(verbose) else logging.WARNING
-    address = os.environ.get("RAY_ADDRESS", "").strip()
+    address = _ray_address()
     if address:
         if is_loopback_address(address):
             use_loopback_node_ip()
@@ -225,9 +225,14 @@ def init_ray(verbose: bool | None = None, *, num_cpus: int | None = None, temp_d
     log.info("started a private Ray on 127.0.0.1 (dashboard: %s)", ctx.dashboard_url or "off")
 
 
+def _ray_address() -> str:
+    """The cluster ``init_ray`` joins: ``RAY_ADDRESS``, empty for a private Ray."""
+    return os.environ.get("RAY_ADDRESS", "").strip()
+
+
 def joined_cluster() -> bool:
-    """Whether ``init_ray`` joins (or joined) a cluster named by ``RAY_ADDRESS``, rather than starting a private Ray."""
-    return bool(os.environ.get("RAY_ADDRESS", "").strip())
+    """Whether ``init_ray`` joins (or joined) a cluster named by ``RAY_ADDRESS``, not a private Ray."""
+    return bool(_ray_address())
 
 
 def ray_cluster_cpus() -> float:
