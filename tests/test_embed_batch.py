@@ -128,6 +128,58 @@ def test_the_ray_embedding_job_streams_row_groups_to_separate_actors_and_matches
     assert stats["embedded"] == len(want) and stats["decode_errors"] == 0
 
 
+def _cmdline(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def test_an_embedding_actor_killed_mid_split_is_restarted_and_no_row_is_lost_or_repeated(tmp_path, export,
+                                                                                        local_ray):
+    """Ray Data restarts a crashed actor of its pool and retries the batches it held (its default
+    for actor pools, which embed_split keeps): the pool's one actor SIGKILLed once the first
+    batch is back costs a model reload, not the job, and every row is embedded exactly once."""
+    import psutil
+
+    from reidscale.data.shards import read_manifest, write_dataset
+    from reidscale.data.sources.synthetic import SyntheticConfig, generate
+    from reidscale.embed import EmbedConfig, embed_split, embed_split_in_process, read_embeddings
+
+    data = tmp_path / "data"
+    records = [dict(r, camera=r["camera"] % 3) for r in generate(SyntheticConfig(num_identities=120, height=32, width=16))]
+    # ~70 row groups, decoded one at a time beside the actor: seconds of work left after the first batch
+    write_dataset(records, data, source="synthetic", rows_per_group=8, groups_per_shard=4)
+    total = read_manifest(data)["splits"]["gallery"]["images"]
+    killed = []
+
+    def kill_the_actor_once(rows_done: int) -> None:
+        if killed:
+            return
+        # this test's Ray only: its processes are children of this one (ray.init started it)
+        actors = [p for p in psutil.Process().children(recursive=True) if "Embedder" in _cmdline(p)]
+        assert len(actors) == 1, [_cmdline(p) for p in actors]
+        actors[0].kill()
+        actors[0].wait(30)
+        killed.append((actors[0].pid, rows_done))
+
+    stats = embed_split(export, data, "gallery", tmp_path / "emb", EmbedConfig(batch_size=4, torch_threads=1),
+                        on_batch=kill_the_actor_once)
+    assert killed and killed[0][1] < total
+    vectors, meta = read_embeddings(tmp_path / "emb")
+    want, want_meta = embed_split_in_process(export, data, "gallery")
+    row_ids = meta.column("row_id").to_numpy()
+    assert len(np.unique(row_ids)) == len(row_ids) == len(want) == total == stats["embedded"]
+    order = np.argsort(row_ids)
+    np.testing.assert_array_equal(row_ids[order], want_meta.column("row_id").to_numpy())
+    np.testing.assert_allclose(vectors[order], want, atol=1e-5)
+    # the killed process embedded the first rows, its restart (a new process) the rest
+    pids = {int(a["actor"].rsplit(":", 1)[1]) for a in stats["per_actor"]}
+    assert killed[0][0] in pids and len(pids) == 2, stats["per_actor"]
+
+
 def test_embedding_actor_threads_default_to_the_cluster_share():
     from reidscale.embed import EmbedConfig, actor_threads
 
