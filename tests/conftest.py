@@ -44,14 +44,10 @@ def _ray_temp_root(request):
     the folder for its Ray logs and names it on stderr (past pytest's capture).
     """
     root = tempfile.mkdtemp(prefix="rs-tests-")
-    saved = {name: os.environ.get(name) for name in ("RAY_TMPDIR", "TMPDIR")}
-    os.environ["RAY_TMPDIR"] = os.environ["TMPDIR"] = root
-    yield root
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", root)
+        env.setenv("TMPDIR", root)
+        yield root
     if request.session.testsfailed:
         print(f"\nRay's logs of this test process's failed run: {root}/ray", file=sys.__stderr__)
     else:

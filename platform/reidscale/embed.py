@@ -197,11 +197,11 @@ def _embedding_dataset(model_dir: Path, model_config: dict, data_dir: str | Path
     import ray.data
 
     from reidscale.data.pipeline import split_dataset
-    from reidscale.ray_runtime import init_ray, resolve_use_gpu
+    from reidscale.ray_runtime import init_ray, ray_cluster_cpus, resolve_use_gpu
 
     init_ray(job_name=job_name)
     use_gpu = resolve_use_gpu(cfg.use_gpu)
-    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    cluster_cpus = ray_cluster_cpus()
     cpus_per_actor = actor_cpus(cfg, cluster_cpus, use_gpu)
     # the caller's tqdm bar reports progress; Ray Data's own bars only add noise to job logs
     ray.data.DataContext.get_current().enable_progress_bars = False
